@@ -1,0 +1,39 @@
+# gancore: `make train` runs the main job, `make test` passes the tests; each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Data: ../shared/data when it is beside the checkout (developers, CI), else ./data (torchvision layout).
+GANCORE_DATA ?= $(if $(wildcard ../shared/data/mnist.npz),$(abspath ../shared/data),$(abspath data))
+export GANCORE_DATA
+CONFIG ?= configs/quickstart.yaml
+ARGS ?=
+PORT ?= 5000
+
+.PHONY: venv train test test-fast ui clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)  ## the main job: configs/quickstart.yaml (MNIST DCGAN, a few minutes on a CPU)
+	$(PY) jobs/train.py --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)  ## the whole suite (CPU); .ci/run calls this
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow and not slurm" $(PYTEST_ARGS)
+
+ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
+	mkdir -p mlruns/artifacts
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) \
+		--artifacts-destination $(abspath mlruns/artifacts) --host 127.0.0.1 --port $(PORT)
+
+clean-runs:  ## delete local runs and the MLflow store (asks first)
+	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true

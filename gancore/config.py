@@ -1,0 +1,378 @@
+"""The single place where every default lives.
+
+A run's configuration is a tree of frozen dataclasses. Presets in configs/*.yaml override defaults (a preset may
+name a `base:` preset it extends), and dotted `key=value` overrides on the command line come last.
+Unknown keys and badly typed values are errors that name the key and the closest valid ones.
+
+Fields marked `infra(...)` are infrastructure (paths, intervals, workers): they never change the result, so they
+are not logged as MLflow params and may differ between a run and its resume (shared/STYLE.md #5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gancore.errors import ConfigError
+
+
+def infra(default: Any) -> Any:
+    """A field that does not change the result (kept out of MLflow params and resume checks)."""
+    return field(default=default, metadata={"infra": True})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist"  # registry key: mnist | fashion_mnist | cifar10 | folder | npz
+    root: str | None = infra(None)  # data dir; None -> $GANCORE_DATA, else ./data
+    path: str | None = None  # the file (npz) or folder (folder) for those two dataset kinds
+    split: str = "train"  # train | test
+    subset: int = 0  # keep the first N images (after the class filter); 0 = all
+    normal_class: int = -1  # train only on this label (anomaly detection: the "normal" digit); -1 = all
+    image_size: int = 0  # resize to S x S (GANomaly: MNIST at 32); 0 = native size
+    download: bool = infra(False)  # let torchvision download a missing dataset (needs internet)
+    on_device: str = infra("auto")  # keep the whole uint8 set on the training device: auto | yes | no
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "dcgan_mnist"  # registry key of the network builder (gancore/models/)
+    nz: int = 100  # latent size (VAE: 2 in the report)
+    ngf: int = 64  # generator / decoder base width
+    ndf: int = 64  # discriminator / encoder base width
+    batchnorm: str = "both"  # where BatchNorm goes: both | g | d | none (WGAN-GP critic: g)
+    g_act: str = "relu"  # generator hidden activation: relu | lrelu | tanh
+    d_act: str = "lrelu"  # discriminator hidden activation: relu | lrelu | tanh (LeakyReLU slope 0.2)
+    kernel: int = 4  # DCGAN kernel size: 4 (classic) or 5 (the 5x5 report)
+    upsample: str = "convt"  # generator upsampling: convt (transposed conv) | nearest (upsample + conv)
+    spectral_norm: bool = False  # spectral normalisation on every discriminator layer
+    conditional: bool = False  # class-conditional G and D (label embedding)
+    num_classes: int = 10  # classes for conditional models
+    embed_dim: int = 50  # label-embedding size fed to G
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "nonsaturating"  # registry key: nonsaturating | lsgan | hinge | wgan_gp
+    label_smoothing: float = 1.0  # one-sided smoothing: target for real images (ablation: 0.9); 1.0 = off
+    instance_noise: float = 0.0  # sigma of Gaussian noise on D inputs (MNIST report: 0.05); 0 = off
+    gp_weight: float = 10.0  # WGAN-GP lambda
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = 2e-4  # generator (or the single network's) learning rate
+    lr_d: float = 2e-4  # discriminator learning rate
+    beta1: float = 0.5  # Adam beta1 (DCGAN: 0.5)
+    beta2: float = 0.999  # Adam beta2
+    weight_decay: float = 0.0
+    batch_size: int = 64  # global batch (split over processes)
+    d_iters: int = 1  # discriminator steps per generator step (WGAN-GP: 5); each draws a fresh real batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100  # passes over the (subset of the) data
+    max_steps: int = 0  # stop after this many steps instead; 0 = as many as `epochs` give
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
+    ema_decay: float = 0.0  # generator EMA decay (e.g. 0.999); 0 = no EMA
+    compile: str = "none"  # none | compile (torch.compile) -- fast path, see issue "Fast path"
+    log_every: int = infra(50)  # steps between statistic reads (the only host syncs of the loop)
+    checkpoint_every: int = infra(1000)  # steps between full-state checkpoints (also at the end)
+    keep_checkpoints: int = infra(2)  # how many step checkpoints to keep on disk
+    snapshot_epochs: tuple[int, ...] = infra((1, 25, 50, 100))  # epochs whose grid + G weights are saved
+    loss_ranges: tuple[tuple[int, int], ...] = infra(((1, 25), (26, 50), (51, 100)))  # loss-plot epoch ranges
+    grid_size: int = infra(64)  # images in a fixed-noise sample grid
+    progress: bool = infra(True)  # rich progress bar
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    enabled: bool = infra(True)  # log to MLflow
+    uri: str | None = infra(None)  # tracking URI; None -> $MLFLOW_TRACKING_URI, else sqlite under ./mlruns
+    experiment: str = infra("gancore")  # MLflow experiment name
+    image_every: int = infra(500)  # steps between fixed-noise grids logged as images
+    log_checkpoints: str = infra("final")  # which checkpoints go to MLflow as artifacts: none | final | all
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = infra(0)  # steps between metric evaluations during training; 0 = only at the end if n > 0
+    n_samples: int = infra(0)  # generated samples per evaluation (10k protocol: 10000); 0 = no metrics
+    # feature extractor: auto (inception if its weights file exists, else the dataset's domain classifier) |
+    # inception | lenet_mnist | lenet_fashion_mnist | cifar_classifier; metric names say which was used
+    extractor: str = infra("auto")
+    batch_size: int = infra(250)  # images per extractor forward pass
+    inception_weights: str | None = infra(None)  # FID Inception weights file; None -> $TORCH_HOME/hub/checkpoints/
+    real_split: str = infra("data")  # real images for the statistics: data (= data.split) | train | test
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    beta: float = 1.0  # weight of the KL term (beta-VAE); 1 = the report's ELBO
+
+
+@dataclass(frozen=True)
+class GANomalyConfig:
+    w_adv: float = 1.0  # adversarial weight
+    w_con: float = 50.0  # contextual (L1 reconstruction) weight
+    w_enc: float = 1.0  # latent (z vs z_hat, L2) weight
+    score: str = "latent"  # anomaly score: latent (||z - z_hat||) | recon (||x - x_hat||)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000  # T
+    schedule: str = "linear"  # beta schedule: linear | cosine
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance
+    guidance: float = infra(1.0)  # sampling guidance scale (1 = conditional, no extra guidance)
+    sampler: str = infra("ddim")  # ddim | ddpm
+    sample_steps: int = infra(50)  # DDIM steps
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = infra("run")  # preset name; names the run directory and the MLflow run
+    family: str = "gan"  # what the trainer drives: gan | vae | ganomaly | diffusion
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    track: TrackConfig = TrackConfig()
+    eval: EvalConfig = EvalConfig()
+    vae: VAEConfig = VAEConfig()
+    ganomaly: GANomalyConfig = GANomalyConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+
+# Values checked beyond their type: key -> allowed values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.split": ("train", "test"),
+    "data.on_device": ("auto", "yes", "no"),
+    "model.batchnorm": ("both", "g", "d", "none"),
+    "model.g_act": ("relu", "lrelu", "tanh"),
+    "model.d_act": ("relu", "lrelu", "tanh"),
+    "model.upsample": ("convt", "nearest"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile": ("none", "compile"),
+    "track.log_checkpoints": ("none", "final", "all"),
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.sampler": ("ddim", "ddpm"),
+    "ganomaly.score": ("latent", "recon"),
+    "eval.extractor": ("auto", "inception", "lenet_mnist", "lenet_fashion_mnist", "cifar_classifier"),
+    "eval.real_split": ("data", "train", "test"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building a Config from dicts, files and overrides
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    if close:
+        hint = f"did you mean {', '.join(close)}?"
+    else:
+        section = key.split(".")[0]
+        in_section = [k for k in known if k.startswith(section + ".")]
+        sections = sorted({k.split(".")[0] for k in known if "." in k})
+        hint = (f"keys of '{section}': {', '.join(in_section)}" if in_section
+                else f"sections: {', '.join(sections)} (see gancore/config.py)")
+    return ConfigError(f"unknown config key '{key}'; {hint}")
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += all_keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict, validating every key and value."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise _unknown(key, all_keys(Config))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(v, tp, key + ".")
+        else:
+            val = _coerce(v, tp, key)
+            if key in CHOICES and val not in CHOICES[key]:
+                raise ConfigError(f"{key}: {val!r} is not one of {', '.join(CHOICES[key])}")
+            kwargs[k] = val
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts/lists (YAML- and JSON-ready)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def flat(cfg: Any, include_infra: bool = False, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value; by default only the hyper-parameters (what MLflow logs as params)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get("infra") and not include_infra:
+            continue
+        if dataclasses.is_dataclass(v):
+            out.update(flat(v, include_infra, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A preset as a dict, with its `base:` chain merged in (base first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    base = d.pop("base", None)
+    own_name = d.get("name", path.stem)  # a preset is named after its own file, not its base's
+    if base:
+        d = _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), d)
+    d["name"] = own_name
+    return d
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["optim.lr_g=1e-4", "model.nz=64"] -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr_g=1e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in all_keys(Config):
+            raise _unknown(key, all_keys(Config))
+        try:
+            val = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            val = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = val
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset file (with its bases) <- dotted overrides, validated."""
+    d = read_yaml(path) if path else {}
+    d = _deep_merge(d, parse_overrides(list(overrides)))
+    return from_dict(d)
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy of `cfg` with dotted keys replaced: replace(cfg, **{"optim.lr_g": 1e-3})."""
+    return from_dict(_deep_merge(to_dict(cfg), parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in dotted.items()])))
+
+
+def _yaml_scalar(v: Any) -> str:
+    return yaml.safe_dump(list(v) if isinstance(v, tuple) else v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resume_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Hyper-parameters that differ between a checkpoint's config and `cfg` (run length may change)."""
+    old = flat(from_dict(saved))
+    new = flat(cfg)
+    allowed = {"train.epochs", "train.max_steps"}
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k not in allowed and old.get(k) != new[k]]

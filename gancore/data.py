@@ -1,0 +1,252 @@
+"""Datasets as uint8 tensors, and a loader that draws batches by an on-device permutation.
+
+    config.data -> load_images() -> (x uint8 (N, C, H, W), y int64 (N,)) -> DeviceLoader -> family.prepare()
+
+Data directory: `data.root`, else $GANCORE_DATA, else ./data. Two layouts are read for MNIST/CIFAR-10: the
+`.npz` files of ../shared/data (mnist.npz, cifar10/{train_k,test}.npz) and torchvision's own folders.
+Decoded arrays are cached as plain .npy (LZMA-compressed npz takes seconds to decode) under $GANCORE_CACHE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gancore.config import DataConfig
+from gancore.errors import DataError
+from gancore.registry import DATASETS
+
+Arrays = tuple[np.ndarray, np.ndarray]  # x (N, H, W[, C]) uint8, y (N,) int
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """Where datasets are looked for: data.root, $GANCORE_DATA, ./data (in that order)."""
+    return Path(cfg.root or os.environ.get("GANCORE_DATA") or "data").expanduser()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GANCORE_CACHE") or Path.home() / ".cache" / "gancore")
+
+
+def _missing(name: str, looked: list[Path], hint: str) -> DataError:
+    where = ", ".join(str(p) for p in looked)
+    return DataError(f"dataset {name!r} not found (looked in {where}); {hint}")
+
+
+def _cached_npz(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """np.load(path)[keys], decoded once and kept as uncompressed .npy (safe for concurrent writers)."""
+    st = path.stat()
+    tag = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = []
+    for k in keys:
+        f = cache_dir() / "npz" / f"{path.stem}-{tag}-{k}.npy"
+        if f.is_file():
+            out.append(np.load(f, mmap_mode="r"))
+            continue
+        try:
+            with np.load(path) as z:
+                arr = z[k]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"cannot read {k!r} from {path}: {e}") from None
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+            os.replace(tmp, f)  # atomic: a concurrent reader sees the old state or the whole file
+        except OSError:
+            pass  # a read-only cache is not an error
+        out.append(arr)
+    return tuple(out)
+
+
+def _torchvision(cls_name: str, root: Path, train: bool, download: bool) -> Arrays | None:
+    import torchvision.datasets as tvd
+
+    try:
+        ds = getattr(tvd, cls_name)(str(root), train=train, download=download)
+    except RuntimeError:  # "Dataset not found or corrupted"
+        return None
+    except Exception as e:  # no internet: URLError, socket errors ...
+        if download:
+            raise DataError(f"{cls_name} download into {root} failed ({type(e).__name__}); "
+                            f"put the files there by hand or set GANCORE_DATA") from None
+        return None
+    x = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+    y = ds.targets.numpy() if torch.is_tensor(ds.targets) else np.asarray(ds.targets)
+    return x, y
+
+
+def _mnist_like(name: str, npz_name: str, tv_name: str) -> Callable[[DataConfig], Arrays]:
+    def load(cfg: DataConfig) -> Arrays:
+        root = data_root(cfg)
+        npz = root / npz_name
+        if npz.is_file():
+            s = "train" if cfg.split == "train" else "test"
+            return _cached_npz(npz, (f"x_{s}", f"y_{s}"))
+        got = _torchvision(tv_name, root, cfg.split == "train", cfg.download)
+        if got is None:
+            raise _missing(name, [npz, root / tv_name], "set GANCORE_DATA (or data.root) to the folder holding "
+                           f"{npz_name}, or pass data.download=true on a machine with internet")
+        return got
+
+    return load
+
+
+DATASETS.register("mnist")(_mnist_like("mnist", "mnist.npz", "MNIST"))
+DATASETS.register("fashion_mnist")(_mnist_like("fashion_mnist", "fashion_mnist.npz", "FashionMNIST"))
+
+
+@DATASETS.register("cifar10")
+def _cifar10(cfg: DataConfig) -> Arrays:
+    root = data_root(cfg)
+    d = root / "cifar10"
+    files = [d / f"train_{k}.npz" for k in range(5)] if cfg.split == "train" else [d / "test.npz"]
+    if all(f.is_file() for f in files):
+        parts = [_cached_npz(f, ("x", "y")) for f in files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    got = _torchvision("CIFAR10", root, cfg.split == "train", cfg.download)
+    if got is None:
+        raise _missing("cifar10", [d, root / "cifar-10-batches-py"], "set GANCORE_DATA (or data.root) to the "
+                       "folder holding cifar10/train_0.npz, or pass data.download=true on a machine with internet")
+    return got
+
+
+@DATASETS.register("npz")
+def _npz(cfg: DataConfig) -> Arrays:
+    """A generic .npz with `x` (N, H, W[, C]) uint8 and optionally `y` (N,); data.path names the file."""
+    if not cfg.path:
+        raise DataError("data.name=npz needs data.path=FILE.npz (arrays x and optionally y)")
+    p = Path(cfg.path).expanduser()
+    if not p.is_file():
+        raise _missing("npz", [p], "check data.path")
+    with np.load(p) as z:
+        if "x" not in z:
+            raise DataError(f"{p} has no array 'x' (found: {', '.join(z.files)})")
+        x = z["x"]
+        y = z["y"] if "y" in z else np.zeros(len(x), np.int64)
+    return x, y
+
+
+@DATASETS.register("folder")
+def _folder(cfg: DataConfig) -> Arrays:
+    """An image folder: images directly inside (label 0) or in one sub-folder per class (sorted names)."""
+    from PIL import Image
+
+    if not cfg.path:
+        raise DataError("data.name=folder needs data.path=DIR")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise _missing("folder", [root], "check data.path")
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    items = [(p, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in exts]
+    for i, c in enumerate(classes):
+        items += [(p, i) for p in sorted((root / c).iterdir()) if p.suffix.lower() in exts]
+    if not items:
+        raise DataError(f"no images ({', '.join(sorted(exts))}) in {root}")
+    imgs = []
+    for p, _ in items:
+        im = Image.open(p)
+        im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
+        if cfg.image_size:
+            im = im.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+        imgs.append(np.asarray(im))
+    if len({a.shape for a in imgs}) > 1:
+        raise DataError(f"images in {root} differ in size; set data.image_size=S to resize them")
+    return np.stack(imgs), np.array([c for _, c in items], np.int64)
+
+
+def load_images(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured dataset as (x uint8 (N, C, H, W), y int64 (N,)) on the CPU."""
+    x, y = DATASETS[cfg.name](cfg)
+    y = np.asarray(y).astype(np.int64)
+    if cfg.normal_class >= 0:
+        keep = y == cfg.normal_class
+        if not keep.any():
+            raise DataError(f"data.normal_class={cfg.normal_class}: no image has that label")
+        x, y = x[keep], y[keep]
+    if cfg.subset:
+        x, y = x[: cfg.subset], y[: cfg.subset]
+    xt = torch.from_numpy(np.array(x, copy=True))  # own, writable memory (the cache is mmapped)
+    xt = xt.unsqueeze(1) if xt.ndim == 3 else xt.permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+    if cfg.image_size and xt.shape[-1] != cfg.image_size:
+        xt = resize_uint8(xt, cfg.image_size)
+    return xt, torch.from_numpy(y)
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 images, rounded back to uint8."""
+    out = []
+    for chunk in x.split(4096):
+        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+class DeviceLoader:
+    """Endless batches of (x uint8, y) drawn by a seeded permutation per epoch, without a DataLoader.
+
+    The whole uint8 dataset lives on `device` when it fits (MNIST: 47 MB), so a batch is one index_select on
+    the device. Batches have a static shape (the last partial batch of an epoch is dropped). Under DDP each
+    process takes its strided share of the same permutation. `state_dict()` holds the exact data position.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device,
+                 on_device: str = "auto", rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise DataError(f"optim.batch_size={batch_size} is not divisible by the {world} processes")
+        self.local_batch = batch_size // world
+        self.steps_per_epoch = len(x) // batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"dataset has {len(x)} images, fewer than one batch of {batch_size}; "
+                            "lower optim.batch_size or raise data.subset")
+        keep_on_device = on_device == "yes" or (on_device == "auto" and _fits(x, device))
+        store = device if keep_on_device else torch.device("cpu")
+        self.x, self.y = x.to(store), y.to(store)
+        self.device, self.rank, self.world, self.batch_size = device, rank, world, batch_size
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self._epoch_start_state = self.gen.get_state()
+        self._perm = self._new_perm()
+
+    def _new_perm(self) -> torch.Tensor:
+        self._epoch_start_state = self.gen.get_state()
+        perm = torch.randperm(len(self.x), generator=self.gen)
+        return perm[: self.steps_per_epoch * self.batch_size].to(self.x.device)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x uint8 (b, C, H, W), y (b,)) on the training device; rolls over to a new epoch."""
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._new_perm()
+        lo = self.index * self.batch_size
+        idx = self._perm[lo: lo + self.batch_size][self.rank:: self.world]
+        self.index += 1
+        xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+    @property
+    def batches_seen(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.index
+
+    def state_dict(self) -> dict:
+        return {"gen": self._epoch_start_state, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.gen.set_state(s["gen"])
+        self._perm = self._new_perm()
+        self.epoch, self.index = int(s["epoch"]), int(s["index"])
+
+
+def _fits(x: torch.Tensor, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # CPU: it is already in memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.numel() < 0.25 * free

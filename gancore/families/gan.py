@@ -1,0 +1,69 @@
+"""The GAN family: networks G and D, an adversarial loss object, D x d_iters then G per step."""
+
+from __future__ import annotations
+
+import torch
+
+from gancore.config import Config
+from gancore.families.base import Batch, Family, Phase
+from gancore.losses import InstanceNoise, make_loss
+from gancore.registry import FAMILIES, MODELS
+
+
+@FAMILIES.register("gan")
+class GAN(Family):
+    generator_name = "G"
+    headline = ("Loss/D", "Loss/G")
+
+    def __init__(self, cfg: Config, image_shape: tuple[int, int, int], num_classes: int):
+        super().__init__(cfg, image_shape, num_classes)
+        nets = MODELS[cfg.model.arch](cfg.model, image_shape, num_classes)
+        self.networks = {"G": nets["G"], "D": nets["D"]}
+        self.optimizers = {
+            "D": self.adam(nets["D"].parameters(), cfg.optim.lr_d),
+            "G": self.adam(nets["G"].parameters(), cfg.optim.lr_g),
+        }
+        self.loss = make_loss(cfg.loss)
+        self.noise = InstanceNoise(cfg.loss.instance_noise)
+        self.nz = cfg.model.nz
+        self.conditional = cfg.model.conditional
+        self.phases = [
+            Phase("D", "D", self.d_loss, repeats=cfg.optim.d_iters),  # a fresh real batch per D step
+            Phase("G", "G", self.g_loss, fresh_batch=False),
+        ]
+
+    def _labels(self, batch: Batch) -> torch.Tensor | None:
+        # conditional fakes take the real batch's labels, so D sees the same class mix on both sides
+        return batch.y if self.conditional else None
+
+    def d_loss(self, batch: Batch):
+        G, D = self.networks["G"], self.networks["D"]
+        y = self._labels(batch)
+        z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
+        with torch.no_grad():
+            fake = G(z, y)
+        return self.loss.d_loss(D, self.noise(batch.x), self.noise(fake), y)
+
+    def g_loss(self, batch: Batch):
+        G, D = self.networks["G"], self.networks["D"]
+        y = self._labels(batch)
+        z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
+        return self.loss.g_loss(D, self.noise(G(z, y)), y)
+
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        z = torch.randn(n, self.nz, generator=generator)
+        y = torch.arange(n) % self.num_classes  # grid rows cycle through the classes
+        return {"z": z, "y": y}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
+        inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
+        G = self.sampler_network()
+        dev = self.device
+        was_training = G.training
+        G.eval()  # BatchNorm running statistics; sampling must not change the training state
+        try:
+            y = inputs["y"].to(dev) if self.conditional else None
+            return G(inputs["z"].to(dev), y)
+        finally:
+            G.train(was_training)

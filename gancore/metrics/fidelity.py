@@ -1,0 +1,223 @@
+"""FID / IS / KID / precision-recall of generated uint8 tensors, computed by torch-fidelity's metric functions.
+
+    sample_uint8(b) -> (b, C, H, W) uint8 --extractor (torch-fidelity class)--> features --torch-fidelity--> metrics
+                                                                 real statistics (cached on disk) --^
+
+No PNG round trip: generated batches go straight to the extractor. Real statistics (mean, covariance and, for
+KID/PR, the features) are computed once per (real images, extractor) and kept under
+$GANCORE_CACHE/fid_stats/, keyed by the sha1 of the real uint8 tensor and of the extractor's weights, so a change
+of data, subset, class filter or extractor gives a new file, and concurrent runs share finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+from gancore.config import Config
+from gancore.data import cache_dir, load_images
+from gancore.errors import MetricsError
+from gancore.metrics import extractors
+from gancore.metrics._progress import progress_bar
+from gancore.registry import METRICS
+
+PAIRWISE_MAX = 10_000  # KID and precision/recall cost n^2: they use at most this many of each set (named so)
+KID_SUBSET = 1000  # torch-fidelity's default KID subset size (smaller sets use all their samples)
+SEED = 2020  # torch-fidelity's default rng_seed: our IS splits and KID subsets equal its own
+STATS_FORMAT = 1  # bump when the cached statistics change meaning
+ALL_METRICS = ("fid", "is", "kid", "pr")
+
+
+def count_tag(n: int) -> str:
+    """Sample count in metric names: 10000 -> 10k, 50000 -> 50k, 500 -> 500, 2500 -> 2500."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def metric_key(metric: str, extractor: str, n: int) -> str:
+    """fid_inception_10k, is_lenet_10k, precision_cifar_cnn_10k ..."""
+    return f"{metric}_{extractors.tag(extractor)}_{count_tag(n)}"
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance of N(mu1, sigma1) and N(mu2, sigma2), by torch-fidelity (float64)."""
+    s1 = {"mu": np.asarray(mu1, np.float64), "sigma": np.asarray(sigma1, np.float64)}
+    s2 = {"mu": np.asarray(mu2, np.float64), "sigma": np.asarray(sigma2, np.float64)}
+    return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
+    return fid_features_to_statistics(features.double().cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features
+
+
+@torch.no_grad()
+def features(fe: FeatureExtractorBase, batches: Iterator[torch.Tensor], total: int, device: torch.device | str,
+             desc: str = "features", progress: bool = False) -> dict[str, torch.Tensor]:
+    """Run uint8 batches through `fe`; {layer: (N, D) float32 on the CPU}."""
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in fe.get_requested_features_list()}
+    with progress_bar(desc, total, progress) as advance:
+        for x in batches:
+            feats = fe.convert_features_tuple_to_dict(fe(extractors.as_input(fe, x.to(device))))
+            for k, v in feats.items():
+                out[k].append(v.float().cpu())
+            advance(len(x))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _sampled(sample_uint8: Callable[[int], torch.Tensor], n: int, batch: int) -> Iterator[torch.Tensor]:
+    """n generated images from the sampler, in batches of at most `batch`, checked for count and dtype."""
+    for lo in range(0, n, batch):
+        b = min(batch, n - lo)
+        x = sample_uint8(b)
+        if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or len(x) != b:
+            got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise MetricsError(f"sample_uint8({b}) must return uint8 ({b}, C, H, W); got {got}")
+        yield x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real statistics, cached
+
+
+def real_split(cfg: Config) -> str:
+    return cfg.data.split if cfg.eval.real_split == "data" else cfg.eval.real_split
+
+
+def real_images(cfg: Config, n: int) -> torch.Tensor:
+    """The first n (or all, if fewer) real images the statistics are computed from: uint8 (m, C, H, W)."""
+    x, _ = load_images(dataclasses.replace(cfg.data, split=real_split(cfg)))
+    return x[:n].contiguous()
+
+
+def stats_path(cfg: Config, extractor_name: str, extractor_id: str, x_real: torch.Tensor) -> Path:
+    """$GANCORE_CACHE/fid_stats/<data>-<split>[-c<k>]-<extractor>-<count>-<sha1 of content>.npz."""
+    h = hashlib.sha1(f"{STATS_FORMAT}|{extractor_id}|{PAIRWISE_MAX}|{tuple(x_real.shape)}|".encode())
+    h.update(np.ascontiguousarray(x_real.numpy()).data)
+    cls = f"-c{cfg.data.normal_class}" if cfg.data.normal_class >= 0 else ""
+    name = f"{cfg.data.name}-{real_split(cfg)}{cls}-{extractor_name}-{count_tag(len(x_real))}-{h.hexdigest()[:20]}"
+    return cache_dir() / "fid_stats" / f"{name}.npz"
+
+
+def _real_features(fe: FeatureExtractorBase, x_real: torch.Tensor, batch: int, device: torch.device | str,
+                   progress: bool) -> dict[str, torch.Tensor]:
+    """Features of the real images (the expensive step the cache saves)."""
+    return features(fe, iter(x_real.split(batch)), len(x_real), device, "real statistics", progress)
+
+
+def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, extractor_id: str,
+                    x_real: torch.Tensor, device: torch.device | str, progress: bool = False) -> dict[str, np.ndarray]:
+    """{"mu" (D,), "sigma" (D, D) float64, "features" (<= PAIRWISE_MAX, D) float32} of the real images, cached."""
+    path = stats_path(cfg, extractor_name, extractor_id, x_real)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in ("mu", "sigma", "features")}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable (e.g. a disk-full write): recompute and overwrite
+    layer, _ = extractors.layers(fe)
+    f = _real_features(fe, x_real, cfg.eval.batch_size, device, progress)[layer]
+    st = statistics(f)
+    out = {"mu": st["mu"], "sigma": st["sigma"], "features": f[:PAIRWISE_MAX].numpy()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, **out)
+        os.replace(tmp, path)  # atomic: concurrent runs see no file or a whole one
+    except OSError as e:
+        extractors.notice(f"cannot cache real statistics in {path.parent} ({e.strerror}); recomputing each time")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metrics: each takes (generated features, real statistics) and returns {kind: value}
+
+
+def _fid(gen: torch.Tensor, real: dict, **_) -> dict[str, float]:
+    st = statistics(gen)
+    return {"fid": fid_statistics_to_metric(st, {"mu": real["mu"], "sigma": real["sigma"]}, False)[KEY_METRIC_FID]}
+
+
+def _is(logits: torch.Tensor, **_) -> dict[str, float]:
+    return {"is": isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=SEED)[KEY_METRIC_ISC_MEAN]}
+
+
+def _kid(gen: torch.Tensor, real: dict, **_) -> dict[str, float]:
+    g, r = gen[:PAIRWISE_MAX], torch.from_numpy(real["features"])
+    out = kid_features_to_metric(g, r, kid_subsets=100, kid_subset_size=min(KID_SUBSET, len(g), len(r)),
+                                 rng_seed=SEED, verbose=False)
+    return {"kid": out[KEY_METRIC_KID_MEAN]}
+
+
+def _pr(gen: torch.Tensor, real: dict, **_) -> dict[str, float]:
+    # torch-fidelity's convention: input 1 generated, input 2 real; k = 3 neighbours; blocks of 10k rows
+    out = prc_features_to_metric(gen[:PAIRWISE_MAX], torch.from_numpy(real["features"]), prc_neighborhood=3,
+                                 prc_batch_size=10_000, save_cpu_ram=True, verbose=False)
+    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL]}
+
+
+for _name, _fn in (("fid", _fid), ("is", _is), ("kid", _kid), ("pr", _pr)):
+    METRICS.register(_name)(_fn)
+_FNS = {"fid": _fid, "is": _is, "kid": _kid, "pr": _pr}  # direct table: METRICS[...] imports every builtin module
+
+
+def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,
+             extractor: str | None = None, n: int | None = None, *, metrics: tuple[str, ...] = ALL_METRICS,
+             progress: bool = False) -> dict[str, float]:
+    """FID/IS/KID/precision/recall of n generated images against cached real statistics, named by protocol.
+
+    sample_uint8(b) returns b generated images, uint8 (b, C, H, W) on `device`, C = 1 or 3.
+    n defaults to eval.n_samples (0 -> {}); extractor to eval.extractor (auto | inception | lenet_mnist | ...).
+    Returns e.g. {"fid_lenet_10k", "is_lenet_10k", "kid_lenet_10k", "precision_lenet_10k", "recall_lenet_10k"};
+    KID and PR use at most PAIRWISE_MAX samples and say so in their names. is_inception is left out (with a
+    notice) when the Inception weights have no classification layer (the offline build).
+    """
+    n = cfg.eval.n_samples if n is None else int(n)
+    if n <= 0:
+        return {}
+    unknown = set(metrics) - set(ALL_METRICS)
+    if unknown:
+        raise MetricsError(f"unknown metric(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_METRICS)}")
+    x_real = real_images(cfg, n)
+    name = extractors.resolve(cfg, extractor, channels=x_real.shape[1])
+    fe, fe_id = extractors.load(name, cfg, device)
+    real = real_statistics(cfg, name, fe, fe_id, x_real, device, progress)
+
+    want_is = "is" in metrics
+    if want_is and not extractors.has_classifier(fe):
+        want_is = False
+        extractors.notice("is_inception skipped: these Inception weights have no classification layer (offline "
+                          "build, see shared/weights/README.md); FID/KID/PR are unaffected")
+    feat_layer, is_layer = extractors.layers(fe)
+    gen = features(fe, _sampled(sample_uint8, n, cfg.eval.batch_size), n, device, "generated", progress)
+
+    out: dict[str, float] = {}
+    m_pair = min(n, PAIRWISE_MAX)
+    if "fid" in metrics:
+        out[metric_key("fid", name, n)] = _FNS["fid"](gen[feat_layer], real)["fid"]
+    if want_is:
+        value = _FNS["is"](gen[is_layer])["is"]
+        if np.isfinite(value):
+            out[metric_key("is", name, n)] = value
+    if "kid" in metrics:
+        out[metric_key("kid", name, m_pair)] = _FNS["kid"](gen[feat_layer], real)["kid"]
+    if "pr" in metrics:
+        pr = _FNS["pr"](gen[feat_layer], real)
+        out[metric_key("precision", name, m_pair)] = pr["precision"]
+        out[metric_key("recall", name, m_pair)] = pr["recall"]
+    return {k: float(v) for k, v in out.items()}

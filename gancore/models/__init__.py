@@ -1,0 +1,7 @@
+"""Networks, one file per architecture; each file registers its builders in MODELS.
+
+A builder is called as `MODELS[name](model_cfg, image_shape=(C, H, W), num_classes)` and returns a dict of
+networks (GAN builders: {"G": ..., "D": ...}).
+"""
+
+from gancore.models import dcgan, mlp  # noqa: F401  (registration)

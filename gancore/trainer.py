@@ -1,0 +1,348 @@
+"""The one training loop (shared/STYLE.md #1).
+
+    setup -> resume -> loop { phases (GAN: D x d_iters, then G), EMA, stats, grids, snapshots, metrics,
+    checkpoint } -> done
+
+The loop drives a family object (gancore/families/) and never asks which family, model or loss it runs.
+The step has no host synchronisation: statistics stay on the device until every `train.log_every` steps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+
+from gancore import checkpoint as ckpt
+from gancore import plots
+from gancore.config import Config, from_dict, resume_differences, save_yaml, to_dict
+from gancore.data import DeviceLoader, load_images
+from gancore.ema import EMA
+from gancore.errors import CheckpointError, NonFiniteLossError
+from gancore.families.base import Family
+from gancore.registry import FAMILIES
+from gancore.stats import StatsAccumulator, non_finite
+from gancore.tracking import make_tracker
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str | None
+    step: int
+    total_steps: int
+    status: str  # finished | stopped (signal / stop_after: a checkpoint was written, resume continues)
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Set by SIGUSR1 (Slurm's warning before the time limit / preemption) or SIGTERM; checked once per step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGUSR1") and _in_main_thread():
+            for s in (signal.SIGUSR1, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def build_family(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> Family:
+    return FAMILIES[cfg.family](cfg, image_shape, num_classes)
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, cfg.train.mixed_precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(True)  # a second run in one process (tests, sweeps) with another precision
+    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+
+def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None). Never reuses a run dir that holds checkpoints by accident."""
+    if resume and resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            found = ckpt.latest(path)
+            if found is None:
+                raise CheckpointError(f"no checkpoints in {path}/{ckpt.CKPT_DIR}; pass a checkpoint file or a run dir")
+            return path, found
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} not found")
+        return (Path(out) if out else path.parent.parent), path
+    if resume == "auto":
+        if out:
+            return Path(out), ckpt.latest(out)
+        candidates = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
+        with_ckpt = [p for p in candidates if ckpt.latest(p)]
+        if with_ckpt:
+            return with_ckpt[-1], ckpt.latest(with_ckpt[-1])
+    run_dir = Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if ckpt.latest(run_dir) is not None and resume != "auto":
+        raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              "or --out NEW_DIR for a new one")
+    return run_dir, None
+
+
+def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
+        stop_after: int | None = None) -> RunResult:
+    """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir."""
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup: devices, seeds, data, the family and its optimisers
+    accelerator = _accelerator(cfg)
+    is_main = accelerator.is_main_process
+    set_seed(cfg.train.seed + accelerator.process_index)  # distinct noise per process, same data order
+    x_all, y_all = load_images(cfg.data)
+    image_shape = tuple(x_all.shape[1:])
+    num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
+    family = build_family(cfg, image_shape, num_classes)
+
+    names = list(family.networks)
+    opt_names = list(family.optimizers)
+    prepared = accelerator.prepare(*[family.networks[k] for k in names], *[family.optimizers[k] for k in opt_names])
+    family.networks = dict(zip(names, prepared[: len(names)]))
+    family.optimizers = dict(zip(opt_names, prepared[len(names):]))
+    gen_net = accelerator.unwrap_model(family.networks[family.generator_name])
+    if cfg.train.ema_decay > 0:
+        family.ema = EMA(gen_net, cfg.train.ema_decay)
+
+    loader = DeviceLoader(x_all, y_all, cfg.optim.batch_size, seed=cfg.train.seed, device=accelerator.device,
+                          on_device=cfg.data.on_device, rank=accelerator.process_index,
+                          world=accelerator.num_processes)
+    draws = max(1, sum(p.repeats for p in family.phases if p.fresh_batch))  # real batches consumed per step
+    steps_per_epoch = max(1, loader.steps_per_epoch // draws)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    fixed = family.fixed_inputs(cfg.train.grid_size, torch.Generator().manual_seed(cfg.train.seed + 12345))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Resume: the run dir, the checkpoint, every piece of state
+    run_dir, resume_from = resolve_run_dir(cfg, out, resume) if is_main else (None, None)
+    run_dir, resume_from = broadcast_object_list([run_dir, resume_from])
+    step, run_id, history = 0, None, {}
+    window, epoch_stats = StatsAccumulator(), StatsAccumulator()  # per log window / per epoch
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        diffs = resume_differences(state["config"], cfg)
+        if diffs:
+            raise CheckpointError(f"{resume_from} was trained with other hyper-parameters ({'; '.join(diffs)}); "
+                                  "use the same config or start a new run")
+        for k in names:
+            accelerator.unwrap_model(family.networks[k]).load_state_dict(state["networks"][k])
+        for k in opt_names:
+            family.optimizers[k].load_state_dict(state["optimizers"][k])
+        if family.ema is not None and state.get("ema") is not None:
+            family.ema.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
+        step, run_id, history = int(state["step"]), state.get("run_id"), state.get("history", {})
+        epoch_stats.load_state_dict(state["epoch_stats"])
+
+    tracker = make_tracker(cfg, is_main)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        run_id = tracker.start(cfg, run_dir, run_id, tags={
+            "gancore.world_size": str(accelerator.num_processes),
+            "gancore.device": str(accelerator.device), "gancore.host": socket.gethostname()})
+        if step == 0:  # the report's export of real images, beside the generated grids
+            plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
+            tracker.log_artifact(run_dir / "real_samples.png")
+
+    def save_checkpoint() -> Path | None:
+        if not is_main:
+            return None
+        state = {
+            "version": 1,
+            "step": step,
+            "run_id": run_id,
+            "config": to_dict(cfg),
+            "image_shape": list(image_shape),
+            "num_classes": num_classes,
+            "networks": {k: accelerator.unwrap_model(family.networks[k]).state_dict() for k in names},
+            "optimizers": {k: family.optimizers[k].state_dict() for k in opt_names},
+            "ema": family.ema.state_dict() if family.ema is not None else None,
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": ckpt.rng_state(),
+            "loader": loader.state_dict(),
+            "history": history,
+            "epoch_stats": epoch_stats.state_dict(),  # a mid-epoch stop keeps the epoch's partial sums
+        }
+        path = ckpt.save(state, ckpt.step_path(run_dir, step))
+        ckpt.prune(run_dir, cfg.train.keep_checkpoints)
+        return path
+
+    def sample_grid() -> torch.Tensor:
+        return family.to_uint8(family.sample(cfg.train.grid_size, inputs=fixed))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+    stop = StopFlag()
+    stop.install()
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    progress = _Progress(enabled=is_main and cfg.train.progress, total=total_steps, start=step, name=cfg.name)
+    last_ckpt: Path | None = ckpt.latest(run_dir) if is_main else None
+    t_window, steps_window = time.perf_counter(), 0
+    status = "finished"
+    try:
+        batch = None
+        while step < total_steps:
+            # -- the phases of one step: GAN: D x d_iters (fresh real batch each), then G; VAE/diffusion: one
+            for phase in family.phases:
+                opt = family.optimizers[phase.optimizer]
+                for _ in range(phase.repeats):
+                    if phase.fresh_batch or batch is None:
+                        batch = family.prepare(*loader.next())
+                    with accelerator.autocast():
+                        loss, stats = phase.loss(batch)
+                    opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
+                    accelerator.backward(loss)
+                    opt.step()
+                    window.add(stats)
+                    epoch_stats.add(stats)
+            # -- generator EMA
+            if family.ema is not None:
+                family.ema.update(gen_net)
+            step += 1
+            steps_window += 1
+            epoch_end = step % steps_per_epoch == 0
+            epoch = (step - 1) // steps_per_epoch + 1  # 1-based epoch this step belongs to
+            must_checkpoint = step % cfg.train.checkpoint_every == 0 or step == total_steps or \
+                stop.signal is not None or (stop_after is not None and step >= stop_after)
+
+            # -- statistics: the only host sync, every log_every steps (and before any checkpoint)
+            if step % cfg.train.log_every == 0 or must_checkpoint or epoch_end:
+                values = window.read(reduce)
+                bad = non_finite(values)
+                if bad:
+                    raise NonFiniteLossError(
+                        f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is "
+                        f"{last_ckpt or 'none (no checkpoint written yet)'}; lower the learning rate or resume from it")
+                dt = time.perf_counter() - t_window
+                values["images_per_s"] = steps_window * cfg.optim.batch_size * draws / max(dt, 1e-9)
+                values["epoch"] = step / steps_per_epoch
+                values.update({f"lr/{k}": o.param_groups[0]["lr"] for k, o in family.optimizers.items()})
+                tracker.log_metrics(values, step)
+                progress.update(step, values, family.headline)
+                t_window, steps_window = time.perf_counter(), 0
+
+            # -- per-epoch history (loss plots per epoch range) and the report's snapshots
+            if epoch_end:
+                means = epoch_stats.read(reduce)
+                history.setdefault("epoch", []).append(epoch)
+                for k, v in means.items():
+                    history.setdefault(k, []).append(v)
+                if is_main and (epoch in cfg.train.snapshot_epochs or step == total_steps):
+                    plots.save_grid(sample_grid(), run_dir / "snapshots" / f"epoch_{epoch:03d}.png")
+                    torch.save(gen_net.state_dict(), run_dir / "snapshots" / f"{family.generator_name}_epoch_{epoch:03d}.pt")
+
+            # -- fixed-noise sample grid into the tracker, by step
+            if is_main and (step % cfg.track.image_every == 0 or step == total_steps):
+                img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
+                tracker.log_image(img, key="samples", step=step)
+
+            # -- checkpoint (every checkpoint_every, at the end, on a stop signal)
+            if must_checkpoint:
+                last_ckpt = save_checkpoint() or last_ckpt
+                if stop.signal is not None or (stop_after is not None and step >= stop_after and step < total_steps):
+                    status = "stopped"
+                    break
+    except BaseException as e:
+        progress.close()
+        stop.restore()
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    progress.close()
+    stop.restore()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Done: report outputs (loss plots per range, loss report), family figures, artifacts
+    metrics: dict[str, float] = {}
+    if is_main and status == "finished":
+        out_plots = plots.loss_plots(history, cfg.train.loss_ranges, run_dir / "plots")
+        plots.loss_report(history, cfg.train.loss_ranges, run_dir / "loss_report.json")
+        figures = family.figures(run_dir / "figures", {"x": x_all, "y": y_all})
+        metrics.update(family.evaluate({"x": x_all, "y": y_all}))
+        if metrics:
+            tracker.log_metrics(metrics, step)
+        for p in [*out_plots, run_dir / "loss_report.json", run_dir / "loss_report.md", *figures]:
+            tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
+        tracker.log_artifact(run_dir / "snapshots", "snapshots")
+        if cfg.track.log_checkpoints != "none" and last_ckpt is not None:
+            tracker.log_artifact(last_ckpt, "checkpoints")
+    tracker.finish("FINISHED" if status == "finished" else "KILLED")
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics)
+
+
+class _Progress:
+    """A rich progress bar with the headline statistics and ETA (main process only)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, name: str):
+        self.p = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+        self.p.start()
+        self.task = self.p.add_task(name, total=total, completed=start, stats="")
+
+    def update(self, step: int, values: dict[str, float], keys: tuple[str, ...]) -> None:
+        if self.p is None:
+            return
+        shown = " ".join(f"{k.split('/')[-1] if k.startswith('Loss/') else k} {values[k]:.3f}" for k in keys if k in values)
+        self.p.update(self.task, completed=step, stats=f"{shown}  {values.get('images_per_s', 0):.0f} img/s")
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+            self.p = None
+
+
+def load_family(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, Config, dict]:
+    """A trained family (networks and EMA restored, eval mode) from a checkpoint file or a run dir."""
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.latest(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoints in {path}/{ckpt.CKPT_DIR}")
+        path = found
+    state = ckpt.load(path, map_location=device)
+    cfg = from_dict(state["config"])
+    family = build_family(cfg, tuple(state["image_shape"]), int(state["num_classes"]))
+    for k, net in family.networks.items():
+        net.load_state_dict(state["networks"][k])
+        net.to(device).eval()
+    if state.get("ema") is not None:
+        family.ema = EMA(family.networks[family.generator_name], cfg.train.ema_decay)
+        family.ema.load_state_dict(state["ema"])
+        family.ema.to(device)
+    return family, cfg, state

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train one run: `python jobs/train.py --config configs/mnist_dcgan.yaml optim.lr_g=1e-4 [--out DIR] [--resume auto]`.
+
+Also under `accelerate launch jobs/train.py ...` (DDP, mixed precision). Exit codes: 0 done, 2 bad input,
+3 non-finite loss, 75 stopped by a signal with a checkpoint written (resume continues it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _cli import quiet_third_party, run
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM after writing a checkpoint; requeue and resume
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="preset YAML (configs/*.yaml); defaults alone when omitted")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=1e-4 model.nz=64")
+    ap.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    ap.add_argument("--resume", help="'auto' (latest checkpoint of --out, or of the newest runs/<preset>-*) or a checkpoint path")
+    ap.add_argument("--stop-after", type=int, help="stop after this many steps with a checkpoint (testing resume)")
+    args = ap.parse_args()
+    quiet_third_party()
+
+    from gancore.config import load_config
+    from gancore.trainer import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}; "
+              f"continue with --out {result.run_dir} --resume auto")
+        return EXIT_STOPPED
+    print(f"done: {result.step} steps; run dir {result.run_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+    for k, v in sorted(result.metrics.items()):
+        print(f"  {k} = {v:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,84 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gancore.config import Config, flat, load_config, replace, resume_differences, to_dict
+from gancore.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["optim.lr_g=1e-4", "model.nz=64", "train.snapshot_epochs=[1,2]"])
+    assert cfg.optim.lr_g == 1e-4 and isinstance(cfg.optim.lr_g, float)
+    assert cfg.model.nz == 64
+    assert cfg.train.snapshot_epochs == (1, 2)
+    assert cfg.optim.lr_d == Config().optim.lr_d  # untouched default
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr_gg=1"])
+    msg = str(e.value)
+    assert "optim.lr_gg" in msg and "optim.lr_g" in msg and "\n" not in msg
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(ConfigError, match=r"unknown config key 'bogus.key'; sections: data, .*model"):
+        load_config(None, ["bogus.key=1"])
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("optim.lr_g=abc", "optim.lr_g: expected a number"),
+    ("model.nz=1.5", "model.nz: expected an integer"),
+    ("train.progress=3", "train.progress: expected true/false"),
+    ("model.batchnorm=sometimes", "model.batchnorm: 'sometimes' is not one of both, g, d, none"),
+    ("optim.lr_g", "is not key=value"),
+])
+def test_bad_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lr'"):
+        load_config(p)
+
+
+def test_base_chain_and_name(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  nz: 10\noptim:\n  lr_g: 0.5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim:\n  lr_g: 0.25\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.name, cfg.model.nz, cfg.optim.lr_g) == ("b", 10, 0.25)
+
+
+def test_flat_excludes_infrastructure():
+    f = flat(Config())
+    assert f["optim.lr_g"] == 2e-4 and f["model.arch"] == "dcgan_mnist"
+    assert "train.log_every" not in f and "data.root" not in f and "track.uri" not in f
+    assert "train.log_every" in flat(Config(), include_infra=True)
+
+
+def test_replace_and_resume_differences():
+    cfg = Config()
+    other = replace(cfg, **{"optim.lr_g": 1e-3, "train.epochs": 5, "train.log_every": 7})
+    assert other.optim.lr_g == 1e-3 and other.train.log_every == 7
+    assert resume_differences(to_dict(cfg), other) == ["optim.lr_g: 0.0002 -> 0.001"]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert cfg.name == preset.stem
+
+
+def test_cli_unknown_key_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "mnist_dcgan.yaml"),
+                        "bogus.key=1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "bogus.key" in r.stderr

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from gancore.config import DataConfig
+from gancore.data import DeviceLoader, load_images
+from gancore.errors import DataError
+from conftest import needs_cifar, needs_mnist
+
+
+@needs_mnist
+def test_shared_mnist_npz():
+    x, y = load_images(DataConfig(name="mnist"))
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8
+    assert y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the original order (shared/data/README.md)
+    assert x.float().mean().item() / 255 == pytest.approx(0.1307, abs=1e-4)
+    xt, yt = load_images(DataConfig(name="mnist", split="test", subset=10))
+    assert xt.shape == (10, 1, 28, 28) and yt.tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+@needs_mnist
+def test_normal_class_and_resize():
+    x, y = load_images(DataConfig(name="mnist", normal_class=3, subset=50, image_size=32))
+    assert x.shape == (50, 1, 32, 32) and set(y.tolist()) == {3}
+
+
+@needs_cifar
+def test_shared_cifar10():
+    x, y = load_images(DataConfig(name="cifar10", split="test"))
+    assert x.shape == (10000, 3, 32, 32)
+    assert y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert np.bincount(y.numpy()).tolist() == [1000] * 10
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_images(DataConfig(name="cifar10", root=str(tmp_path)))
+    msg = str(e.value)
+    assert "not found" in msg and str(tmp_path) in msg and "GANCORE_DATA" in msg and "\n" not in msg
+
+
+def test_synthetic_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", x=x, y=np.arange(20) % 4)
+    xt, yt = load_images(DataConfig(name="npz", path=str(tmp_path / "s.npz")))
+    assert xt.shape == (20, 3, 8, 8)
+    assert torch.equal(xt[5].permute(1, 2, 0), torch.from_numpy(x[5]))
+    assert yt.tolist() == (np.arange(20) % 4).tolist()
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for c in ("cats", "dogs"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 10, 3), i * 40, np.uint8)).save(tmp_path / c / f"{i}.png")
+    x, y = load_images(DataConfig(name="folder", path=str(tmp_path), image_size=8))
+    assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert int(x[1, 0, 4, 4]) == 40
+
+
+def test_loader_epochs_are_permutations_and_resume_exactly():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    a = DeviceLoader(x, y, batch_size=3, seed=1, device=torch.device("cpu"))
+    assert a.steps_per_epoch == 3
+    seen = [a.next()[1] for _ in range(3)]
+    ep0 = torch.cat(seen).tolist()
+    assert len(set(ep0)) == 9  # drop_last: 9 distinct of 10
+    a.next()  # into epoch 1
+    state = a.state_dict()
+    rest = [a.next()[1].tolist() for _ in range(5)]
+    b = DeviceLoader(x, y, batch_size=3, seed=1, device=torch.device("cpu"))
+    b.load_state_dict(state)
+    assert [b.next()[1].tolist() for _ in range(5)] == rest
+    assert b.epoch == a.epoch and b.index == a.index
+
+
+def test_loader_shards_across_processes():
+    x = torch.zeros(16, 1, 1, 1, dtype=torch.uint8)
+    y = torch.arange(16)
+    shards = [DeviceLoader(x, y, batch_size=8, seed=0, device=torch.device("cpu"), rank=r, world=2) for r in range(2)]
+    b0, b1 = shards[0].next()[1], shards[1].next()[1]
+    assert len(b0) == len(b1) == 4 and not set(b0.tolist()) & set(b1.tolist())

@@ -1,0 +1,111 @@
+"""Loss values against hand computation; the gradient penalty against autograd on a toy critic."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gancore.config import LossConfig
+from gancore.losses import Hinge, InstanceNoise, LeastSquares, NonSaturating, WassersteinGP, gradient_penalty, make_loss
+from gancore.errors import RegistryError
+
+
+class Fixed(nn.Module):
+    """A 'discriminator' that returns the first pixel of each image as its logit."""
+
+    def forward(self, x, y=None):
+        return x.flatten(1)[:, :1]
+
+
+def imgs(*vals):
+    return torch.tensor(vals, dtype=torch.float32).view(-1, 1, 1, 1)
+
+
+def sp(x):  # softplus, by hand
+    return math.log1p(math.exp(x))
+
+
+def test_nonsaturating_by_hand():
+    D, real, fake = Fixed(), imgs(2.0, -1.0), imgs(0.5, -3.0)
+    loss, stats = NonSaturating(LossConfig()).d_loss(D, real, fake)
+    # BCE(logit, 1) = softplus(-l); BCE(logit, 0) = softplus(l)
+    want = (sp(-2.0) + sp(1.0)) / 2 + (sp(0.5) + sp(-3.0)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert stats["D/acc"].item() == pytest.approx(0.5 * (0.5 + 0.5))
+    assert stats["D/real"].item() == pytest.approx((1 / (1 + math.exp(-2)) + 1 / (1 + math.exp(1))) / 2, rel=1e-6)
+    g, _ = NonSaturating(LossConfig()).g_loss(D, fake)
+    assert g.item() == pytest.approx((sp(-0.5) + sp(3.0)) / 2, rel=1e-6)
+
+
+def test_label_smoothing_changes_real_target_only():
+    D, real, fake = Fixed(), imgs(2.0), imgs(-1.0)
+    loss, _ = NonSaturating(LossConfig(label_smoothing=0.9)).d_loss(D, real, fake)
+    # BCE with target t: -(t log s(l) + (1-t) log(1-s(l))) = softplus(-l)*t + softplus(l)*(1-t)
+    want = 0.9 * sp(-2.0) + 0.1 * sp(2.0) + sp(-1.0)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_lsgan_by_hand():
+    D, real, fake = Fixed(), imgs(0.8, 1.2), imgs(0.1, -0.3)
+    loss, _ = LeastSquares(LossConfig()).d_loss(D, real, fake)
+    want = 0.5 * (((0.8 - 1) ** 2 + (1.2 - 1) ** 2) / 2 + (0.1 ** 2 + 0.3 ** 2) / 2)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    g, _ = LeastSquares(LossConfig()).g_loss(D, fake)
+    assert g.item() == pytest.approx(0.5 * ((0.1 - 1) ** 2 + (-0.3 - 1) ** 2) / 2, rel=1e-6)
+
+
+def test_hinge_by_hand():
+    D, real, fake = Fixed(), imgs(0.5, 2.0), imgs(-2.0, 0.25)
+    loss, _ = Hinge(LossConfig()).d_loss(D, real, fake)
+    want = (0.5 + 0.0) / 2 + (0.0 + 1.25) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert Hinge(LossConfig()).g_loss(D, fake)[0].item() == pytest.approx(-(-2.0 + 0.25) / 2)
+
+
+def test_gradient_penalty_matches_autograd_on_toy_critic():
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 1))
+    real, fake = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    alpha = torch.rand(5, 1, 1, 1)
+    gp = gradient_penalty(critic, real, fake, None, alpha=alpha)
+    # by hand: per-sample gradient of the critic at each interpolate, one at a time
+    norms = []
+    for i in range(5):
+        xi = (alpha[i] * real[i] + (1 - alpha[i]) * fake[i]).unsqueeze(0).requires_grad_(True)
+        (gi,) = torch.autograd.grad(critic(xi).sum(), xi)
+        norms.append(gi.norm().item())
+    want = sum((n - 1) ** 2 for n in norms) / 5
+    assert gp.item() == pytest.approx(want, rel=1e-5)
+    gp.backward()  # create_graph=True: the penalty itself is differentiable w.r.t. the critic
+    assert critic[1].weight.grad is not None and critic[1].weight.grad.abs().sum() > 0
+
+
+def test_gradient_penalty_of_linear_critic_is_known():
+    # D(x) = w.x has gradient w everywhere: penalty = (||w|| - 1)^2 = (5 - 1)^2 = 16
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    critic = nn.Sequential(nn.Flatten(), lin)
+    gp = gradient_penalty(critic, torch.randn(4, 1, 1, 2), torch.randn(4, 1, 1, 2), None)
+    assert gp.item() == pytest.approx(16.0, rel=1e-6)
+
+
+def test_wgan_gp_loss_combines_terms():
+    D, real, fake = Fixed(), imgs(1.0, 3.0), imgs(-1.0, 0.0)
+    loss, stats = WassersteinGP(LossConfig(gp_weight=10.0)).d_loss(D, real, fake)
+    # Fixed critic: gradient is e_0 (norm 1) -> penalty 0; loss = -(mean real - mean fake) = -(2 - (-0.5))
+    assert stats["D/gp"].item() == pytest.approx(0.0, abs=1e-7)
+    assert loss.item() == pytest.approx(-2.5)
+
+
+def test_instance_noise_std():
+    torch.manual_seed(0)
+    x = torch.zeros(20000)
+    assert InstanceNoise(0.05)(x).std().item() == pytest.approx(0.05, rel=0.03)
+    assert InstanceNoise(0.0)(x) is x
+
+
+def test_registry_error_lists_known():
+    with pytest.raises(RegistryError, match="unknown loss 'wgan'.*known: hinge, lsgan, nonsaturating, wgan_gp"):
+        make_loss(LossConfig(name="wgan"))

@@ -1,0 +1,84 @@
+"""Shape test and one optimisation step per model (through the GAN family's own phases)."""
+
+import pytest
+import torch
+
+from gancore.config import load_config
+from gancore.families.base import Batch
+from gancore.errors import ConfigError
+from gancore.registry import FAMILIES, MODELS
+
+CASES = [
+    ("dcgan_mnist", (1, 28, 28), []),
+    ("dcgan_mnist", (1, 28, 28), ["model.conditional=true"]),
+    ("mlp", (1, 28, 28), []),
+    ("mlp", (1, 28, 28), ["model.conditional=true"]),
+    ("dcgan", (3, 32, 32), []),
+    ("dcgan", (3, 32, 32), ["model.batchnorm=none", "model.g_act=tanh", "model.d_act=relu"]),
+    ("dcgan", (3, 32, 32), ["model.conditional=true"]),
+    ("dcgan", (3, 32, 32), ["model.batchnorm=g", "loss.name=wgan_gp", "optim.d_iters=5"]),
+    ("dcgan", (3, 32, 32), ["model.kernel=5", "model.upsample=nearest", "model.spectral_norm=true", "loss.name=lsgan"]),
+    ("dcgan", (3, 64, 64), ["loss.name=hinge"]),
+    ("dcgan", (1, 32, 32), ["model.kernel=5"]),
+]
+
+
+@pytest.mark.parametrize("arch,shape,over", CASES, ids=[f"{a}-{'-'.join(o) or 'default'}" for a, s, o in CASES])
+def test_shapes_and_one_step(arch, shape, over):
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"model.arch={arch}", "model.nz=16", "model.ngf=8", "model.ndf=8", *over])
+    fam = FAMILIES["gan"](cfg, shape, 10)
+    G, D = fam.networks["G"], fam.networks["D"]
+    b = 4
+    z, y = torch.randn(b, 16), torch.randint(0, 10, (b,))
+    cond = y if cfg.model.conditional else None
+    x = G(z, cond)
+    assert x.shape == (b, *shape)
+    assert x.min() >= -1 and x.max() <= 1  # tanh output
+    assert D(x, cond).shape == (b, 1)
+
+    batch = Batch(torch.rand(b, *shape) * 2 - 1, y)
+    for phase in fam.phases:
+        before = [p.detach().clone() for p in fam.optimizers[phase.optimizer].param_groups[0]["params"]]
+        loss, stats = phase.loss(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert all(torch.isfinite(v) for v in stats.values())
+        opt = fam.optimizers[phase.optimizer]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = opt.param_groups[0]["params"]
+        assert any(not torch.equal(a, b_) for a, b_ in zip(after, before)), f"{phase.name} step changed nothing"
+    assert fam.phases[0].repeats == cfg.optim.d_iters
+
+
+def test_mnist_dcgan_matches_report_layout():
+    nets = MODELS["dcgan_mnist"](load_config(None).model, (1, 28, 28), 10)
+    G, D = nets["G"], nets["D"]
+    assert G.fc[0].in_features == 100 and G.fc[0].out_features == 128 * 7 * 7
+    convT = [m for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convT] == [(128, 64, (4, 4), (2, 2)), (64, 32, (4, 4), (2, 2))]
+    convs = [m for m in D.features if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [64, 128, 256]
+    assert D.head[0].in_features == 256 * 3 * 3 and D.head[0].out_features == 1024
+
+
+def test_mlp_keras_batchnorm_momentum():
+    G = MODELS["mlp"](load_config(None, ["model.arch=mlp"]).model, (1, 28, 28), 10)["G"]
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [m.num_features for m in bns] == [256, 512, 1024] and all(m.momentum == 0.2 for m in bns)
+
+
+def test_spectral_norm_bounds_top_singular_value():
+    torch.manual_seed(0)
+    D = MODELS["dcgan"](load_config(None, ["model.arch=dcgan", "model.spectral_norm=true", "model.batchnorm=none"]).model, (3, 32, 32), 10)["D"]
+    lin = D.head
+    for _ in range(30):  # power iterations run in train-mode forwards
+        D(torch.randn(2, 3, 32, 32))
+    sigma = torch.linalg.matrix_norm(lin.weight.detach(), ord=2).item()
+    assert sigma == pytest.approx(1.0, rel=0.05)
+
+
+def test_bad_image_size_for_dcgan():
+    with pytest.raises(ConfigError, match="4 \\* 2\\^k"):
+        MODELS["dcgan"](load_config(None, ["model.arch=dcgan"]).model, (1, 28, 28), 10)

@@ -1,0 +1,360 @@
+"""MLflow tracking: values are read back through MlflowClient, from a SQLite store and from a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gancore import tracking
+from gancore.config import flat, load_config
+from gancore.errors import TrackingError
+from gancore.tracking import MLflowTracker, NullTracker, make_tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow database, made once: creating one takes seconds (dozens of schema migrations)."""
+    root = tmp_path_factory.mktemp("template")
+    tracking.open_store(f"sqlite:///{root / 'mlflow.db'}", "template")
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, template_db):
+    """A default store under a tmp cwd (a copy of the empty template); no tracking URI from the environment."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(template_db, tmp_path / "mlruns" / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "FLUSH_EVERY_S", 3600.0)  # only size or flush() send: deterministic batching
+    return tmp_path
+
+
+def _cfg(*overrides):
+    return load_config(None, ["track.experiment=test", "name=mnist_test", *overrides])
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_null_tracker_when_disabled_or_not_main(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(make_tracker(_cfg("track.enabled=false"), is_main=True), NullTracker)
+    assert isinstance(make_tracker(_cfg(), is_main=False), NullTracker)
+    tr = make_tracker(_cfg(), is_main=True)
+    assert isinstance(tr, MLflowTracker)
+    assert not (tmp_path / "mlruns").exists()  # nothing is created before start()
+
+
+def test_run_params_tags_metrics_images_artifacts(store, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setattr(tracking, "FLUSH_EVERY_METRICS", 5)
+    cfg = _cfg("optim.lr_g=1e-4", "model.nz=64")
+    tr = make_tracker(cfg, is_main=True)
+    run_id = tr.start(cfg, store / "runs" / "a", tags={"gancore.extra": "x"})
+    client = _client(store)
+
+    tr.log_metrics({"Loss/D": 1.0, "Loss/G": 2.0}, step=1)
+    assert client.get_metric_history(run_id, "Loss/D") == []  # queued, not sent per step
+    for step in range(2, 11):
+        tr.log_metrics({"Loss/D": 1.0 / step, "Loss/G": 2.0 / step, "lr/G": 1e-4}, step=step)
+    grid = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    tr.log_image(grid, "samples", step=5)
+    tr.log_image(grid[..., :1], "samples", step=10)  # grayscale HxWx1 (MNIST grids)
+    ckpt = store / "runs" / "a" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.pt").write_bytes(b"weights")
+    note = store / "note.txt"
+    note.write_text("hello")
+    tr.log_artifact(note)
+    tr.log_artifact(ckpt, "checkpoints")
+    tr.set_tags({"gancore.best_step": 10})
+    tr.finish()
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mnist_test"
+    assert run.data.params == {k: str(v) for k, v in flat(cfg).items()}
+    assert run.data.params["optim.lr_g"] == "0.0001" and run.data.params["model.nz"] == "64"
+    tags = run.data.tags
+    assert tags["gancore.preset"] == "mnist_test" and tags["gancore.family"] == "gan"
+    assert tags["gancore.world_size"] == "4" and tags["gancore.slurm_job_id"] == "1234"
+    assert tags["gancore.mixed_precision"] == "no" and tags["gancore.extra"] == "x"
+    assert tags["gancore.best_step"] == "10"
+    assert tags["gancore.git_dirty"] in ("true", "false", "unknown")
+    commit = tags["gancore.git_commit"]
+    assert commit == "unknown" or (len(commit) == 40 and tags["mlflow.source.git.commit"] == commit)
+    assert _steps(client, run_id, "Loss/D") == list(range(1, 11))
+    assert _steps(client, run_id, "lr/G") == list(range(2, 11))
+    assert client.get_metric_history(run_id, "Loss/G")[0].value == 2.0
+    assert run.data.metrics["Loss/D"] == pytest.approx(0.1)
+
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert top == {"config.yaml", "note.txt", "checkpoints", "images"}
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    images = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+    # MLflow 3: per logged image a full PNG and a compressed WebP, named <key>+step+<N>+timestamp+<ms>+<uuid>
+    pngs = sorted(n for n in images if n.endswith(".png"))
+    assert [n.split("+")[:3] for n in pngs] == [["samples", "step", "10"], ["samples", "step", "5"]]
+    assert sum(n.endswith("+compressed.webp") for n in images) == 2
+    assert tags["mlflow.loggedImages"] == "True"
+    local = client.download_artifacts(run_id, "config.yaml", str(store))
+    assert load_config(local) == cfg
+
+
+def test_resume_logs_each_step_once(store):
+    cfg = _cfg()
+    tr = make_tracker(cfg, is_main=True)
+    run_id = tr.start(cfg, store / "run")
+    for step in range(1, 6):
+        tr.log_metrics({"Loss/D": float(step)}, step)
+    tr.log_image(np.zeros((8, 8, 3), np.uint8), "samples", 4)
+    tr.finish("KILLED")
+    client = _client(store)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    # The job is requeued and resumes from its step-2 checkpoint: steps 3..5 are replayed.
+    cfg2 = _cfg("train.max_steps=8")  # run length may change on resume; params stay immutable
+    tr2 = make_tracker(cfg2, is_main=True)
+    assert tr2.start(cfg2, store / "run", run_id=run_id) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    for step in range(3, 9):
+        tr2.log_metrics({"Loss/D": 10.0 + step, "Loss/G": float(step)}, step)
+        tr2.log_image(np.full((8, 8, 3), step, np.uint8), "samples", step)
+    tr2.finish()
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run_id, "Loss/D"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 9))
+    assert [m.value for m in history] == [1, 2, 3, 4, 5, 16, 17, 18]  # the first session's values are kept
+    assert _steps(client, run_id, "Loss/G") == list(range(3, 9))  # a new key is logged from its first step
+    assert run.data.params["train.max_steps"] == "0"
+    assert run.data.tags["gancore.resume_count"] == "1"
+    image_steps = sorted(
+        int(Path(a.path).name.split("+")[2]) for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")
+    )
+    assert image_steps == [4, 5, 6, 7, 8]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_unknown_run_is_one_line(store):
+    with pytest.raises(TrackingError, match="cannot resume MLflow run 0123") as e:
+        make_tracker(_cfg(), True).start(_cfg(), store, run_id="0123456789abcdef0123456789abcdef")
+    assert "\n" not in str(e.value)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from gancore.config import load_config
+    from gancore.tracking import make_tracker
+    i = int(sys.argv[1])
+    cfg = load_config(None, ["track.experiment=sweep", f"name=trial{i}"])
+    tr = make_tracker(cfg, True)
+    import mlflow.tracking  # imported before the barrier, so the processes reach the store together
+    Path(f"ready{i}").touch()
+    while not Path("go").exists():  # start all workers at the same moment: the race under test
+        time.sleep(0.01)
+    tr.start(cfg, Path("runs") / str(i))
+    for step in range(1, 4):
+        tr.log_metrics({"Loss/D": step * 0.5}, step)
+    tr.finish()
+    """
+)
+
+
+def test_concurrent_workers_share_a_fresh_store(tmp_path, monkeypatch):
+    store = tmp_path  # no template copy: creating the database is part of the race
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, str(i)], cwd=store, env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((store / f"ready{i}").exists() for i in range(4)):
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        (store / "go").touch()
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    client = _client(store)
+    exps = [e for e in client.search_experiments() if e.name == "sweep"]
+    assert len(exps) == 1
+    assert exps[0].artifact_location == (store / "mlruns" / "artifacts").resolve().as_uri()
+    runs = client.search_runs([exps[0].experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["trial0", "trial1", "trial2", "trial3"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(_steps(client, r.info.run_id, "Loss/D") == [1, 2, 3] for r in runs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts in tmp); killed afterwards."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runners to spawn
+    env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow_bin), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "server_artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")
+    # Own process group: the finaliser kills the server and the workers it forked, nothing else.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        with_group = [signal.SIGTERM, signal.SIGKILL]
+        for sig in with_group:
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=10)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+def test_logs_to_a_real_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(f"track.uri={mlflow_server}", "model.nz=32")
+    tr = make_tracker(cfg, is_main=True)
+    run_id = tr.start(cfg, tmp_path / "run")
+    for step in (10, 20, 30):
+        tr.log_metrics({"Loss/D": 0.7, "D/real": 0.9, "images_per_s": 1e4}, step)
+    tr.log_image(np.zeros((16, 16, 3), np.uint8), "samples", 30)
+    tr.finish()
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "mnist_test"
+    assert run.data.params["model.nz"] == "32"
+    assert _steps(client, run_id, "D/real") == [10, 20, 30]
+    assert run.data.metrics["images_per_s"] == 1e4
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "images"}
+    assert len(client.list_artifacts(run_id, "images")) == 2
+    assert not (tmp_path / "mlruns").exists()  # everything went to the server
+
+
+def test_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_free_port()}"  # bound then released: nothing listens there
+    cfg = _cfg(f"track.uri={url}")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as e:
+        make_tracker(cfg, is_main=True).start(cfg, tmp_path)
+    assert time.monotonic() - t0 < 10
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot reach MLflow tracking server at {url} (")
+    assert msg.endswith("start it, fix track.uri / MLFLOW_TRACKING_URI, or run with track.enabled=false")
+
+
+def test_env_uri_is_used(tmp_path, monkeypatch, template_db):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "elsewhere" / "x.db"
+    db.parent.mkdir()
+    shutil.copy(template_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tr = make_tracker(_cfg(), is_main=True)
+    run_id = tr.start(_cfg(), tmp_path)
+    tr.finish()
+    assert db.is_file() and not (tmp_path / "mlruns").exists()
+    assert MlflowClient(f"sqlite:///{db}").get_run(run_id).info.status == "FINISHED"
+    assert (tmp_path / "elsewhere" / "artifacts" / run_id / "artifacts" / "config.yaml").is_file()
+
+
+def test_runs_table_and_cli(store):
+    for i, (lr, fids) in enumerate([(1e-4, [30.0, 12.5, 20.0]), (2e-4, [])]):
+        cfg = _cfg(f"optim.lr_g={lr}", f"name=run{i}")
+        tr = make_tracker(cfg, is_main=True)
+        tr.start(cfg, store / f"r{i}")
+        tr.log_metrics({"Loss/D": 0.5 + i, "Loss/G": 1.5 + i}, 1)
+        for step, fid in enumerate(fids, 1):
+            tr.log_metrics({"fid_lenet_10k": fid}, step)
+        tr.finish()
+    rows = tracking.list_runs("test", sort="Loss/D")
+    assert [r["name"] for r in rows] == ["run0", "run1"]
+    assert rows[0]["params"]["optim.lr_g"] == "0.0001" and rows[0]["params"]["family"] == "gan"
+    assert rows[0]["best_fid"] == ("fid_lenet_10k", 12.5) and rows[1]["best_fid"] is None
+    assert [r["name"] for r in tracking.list_runs("test", sort="-Loss/D", limit=1)] == ["run1"]
+    info = tracking.open_run_info(rows[0]["run_id"])
+    assert info["params"]["optim.lr_g"] == "0.0001" and info["run_dir"] == str((store / "r0").resolve())
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["COLUMNS"] = "250"
+    cli = [sys.executable, str(REPO / "jobs" / "runs.py"), "--experiment", "test"]
+    out = subprocess.run(cli, cwd=store, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "run0" in out.stdout and "run1" in out.stdout and "12.5 (fid_lenet_10k)" in out.stdout
+
+
+def test_runs_cli_user_error_is_one_line_exit_2(store, capsys):
+    spec = importlib.util.spec_from_file_location("runs_cli", REPO / "jobs" / "runs.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tr = make_tracker(_cfg(), is_main=True)
+    tr.start(_cfg(), store)
+    tr.finish()
+    assert cli.main(["--experiment", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no experiment 'nope'" in err and "known: " in err and "test" in err
+
+
+def test_runs_without_store_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(TrackingError, match="no MLflow store at"):
+        tracking.list_runs("gancore")
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,156 @@
+"""End-to-end: a tiny run's artifacts, bit-identical resume, NaN stop, generate to png/npz/h5."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gancore import checkpoint as ckpt
+from gancore.errors import CheckpointError, NonFiniteLossError
+from gancore.trainer import fit
+from conftest import ROOT, needs_mnist, tiny
+
+pytestmark = needs_mnist
+
+
+def _states_equal(a: dict, b: dict, path: str = "") -> list[str]:
+    """Every tensor/number in two nested state dicts, compared exactly; returns the differing paths."""
+    diffs = []
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        for k in a:
+            diffs += _states_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length"]
+        for i, (u, v) in enumerate(zip(a, b)):
+            diffs += _states_equal(u, v, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        if not torch.equal(a, b):
+            diffs.append(path)
+    elif a != b:
+        diffs.append(path)
+    return diffs
+
+
+def test_tiny_run_writes_every_artifact(tmp_path):
+    r = fit(tiny(), out=tmp_path / "run")
+    d = r.run_dir
+    assert r.status == "finished" and r.step == r.total_steps == 8  # 128 images / 32 per batch * 2 epochs
+    for rel in ["config.yaml", "real_samples.png", "loss_report.json", "loss_report.md",
+                "plots/loss_all.png", "plots/loss_epochs_1-1.png", "plots/loss_epochs_2-2.png",
+                "snapshots/epoch_001.png", "snapshots/epoch_002.png", "snapshots/G_epoch_001.pt",
+                "snapshots/G_epoch_002.pt", "samples/step_00000004.png", "samples/step_00000008.png",
+                "checkpoints/step_00000008.pt"]:
+        assert (d / rel).is_file(), rel
+    import json
+
+    report = json.loads((d / "loss_report.json").read_text())
+    assert set(report) == {"1-1", "2-2", "1-2"}
+    assert {"Loss/D", "Loss/G", "D/real", "D/fake", "D/acc"} <= set(report["1-2"])
+    # the mean over epochs 1-2 is the mean of the two per-epoch means
+    assert report["1-2"]["Loss/D"] == pytest.approx((report["1-1"]["Loss/D"] + report["2-2"]["Loss/D"]) / 2)
+    G = torch.load(d / "snapshots/G_epoch_002.pt", weights_only=True)
+    state = ckpt.load(d / "checkpoints/step_00000008.pt")
+    assert all(torch.equal(G[k], state["networks"]["G"][k]) for k in G)
+    from PIL import Image
+
+    assert Image.open(d / "snapshots/epoch_002.png").size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 grid of 28px + 2px pad
+
+
+@pytest.mark.parametrize("over,stop", [([], 3), (["optim.d_iters=2", "loss.name=wgan_gp", "model.batchnorm=g", "train.ema_decay=0.9"], 2)],
+                         ids=["dcgan", "wgan_gp-d_iters2-ema"])
+def test_resume_is_bit_identical(tmp_path, over, stop):
+    cfg = tiny("train.epochs=3", *over)
+    full = fit(cfg, out=tmp_path / "full")
+    part = fit(cfg, out=tmp_path / "part", stop_after=stop)
+    assert part.status == "stopped" and part.step == stop
+    assert ckpt.latest(tmp_path / "part").name == f"step_{stop:08d}.pt"
+    resumed = fit(cfg, out=tmp_path / "part", resume="auto")
+    assert resumed.status == "finished" and resumed.step == full.step
+    a, b = ckpt.load(full.checkpoint), ckpt.load(resumed.checkpoint)
+    for key in ("networks", "optimizers", "ema", "loader", "history", "step"):
+        assert _states_equal(a[key], b[key]) == [], key
+    # the loss history across the interruption equals the uninterrupted one, value for value
+    assert a["history"]["Loss/D"] == b["history"]["Loss/D"]
+
+
+def test_resume_rejects_other_hyperparameters(tmp_path):
+    fit(tiny(), out=tmp_path / "r", stop_after=2)
+    with pytest.raises(CheckpointError, match="optim.lr_g: 0.0002 -> 0.1"):
+        fit(tiny("optim.lr_g=0.1"), out=tmp_path / "r", resume="auto")
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    fit(tiny(), out=tmp_path / "r", stop_after=2)
+    before = (tmp_path / "r/checkpoints/step_00000002.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds checkpoints; pass --resume auto"):
+        fit(tiny(), out=tmp_path / "r")
+    assert (tmp_path / "r/checkpoints/step_00000002.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from gancore.families.gan import GAN
+
+    calls = {"n": 0}
+    orig = GAN.g_loss
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss, stats = orig(self, batch)
+        if calls["n"] >= 5:  # step 5 goes bad
+            loss = loss * float("nan")
+            stats = {**stats, "Loss/G": loss.detach()}
+        return loss, stats
+
+    monkeypatch.setattr(GAN, "g_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite Loss/G at step 5; the last good checkpoint is .*step_00000004.pt"):
+        fit(tiny("train.checkpoint_every=2"), out=tmp_path / "r")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "r")] == ["step_00000002.pt", "step_00000004.pt"]
+    good = ckpt.load(tmp_path / "r/checkpoints/step_00000004.pt")
+    assert all(torch.isfinite(v).all() for v in good["networks"]["G"].values() if v.is_floating_point())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    fit(tiny(), out=tmp_path / "r", stop_after=2)
+    p = tmp_path / "r/checkpoints/step_00000002.pt"
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(tiny(), out=tmp_path / "r", resume="auto")
+
+
+def test_generate_png_npz_h5(tmp_path):
+    r = fit(tiny("model.conditional=true"), out=tmp_path / "r")
+    gen = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(r.run_dir)]
+    for out in ("imgs", "s.npz", "s.h5"):
+        p = subprocess.run([*gen, "-n", "12", "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+    pngs = sorted((tmp_path / "imgs").glob("*.png"))
+    assert len(pngs) == 12
+    z = np.load(tmp_path / "s.npz")
+    assert z["x"].shape == (12, 1, 28, 28) and z["x"].dtype == np.uint8
+    assert z["y"].tolist() == [i % 10 for i in range(12)]
+    with h5py.File(tmp_path / "s.h5") as f:
+        x = f["images"][:]
+        assert x.shape == (12, 1, 28, 28) and f.attrs["family"] == "gan"
+    np.testing.assert_array_equal(x, z["x"])  # same seed -> same images whatever the format
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[3])), z["x"][3, 0])
+
+
+def test_train_cli_stop_and_resume(tmp_path):
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+           "data.subset=64", "optim.batch_size=32", "train.epochs=2", "train.progress=false", "track.enabled=false",
+           "--out", str(tmp_path / "r")]
+    p = subprocess.run([*cmd, "--stop-after", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 75, p.stderr
+    assert "continue with --out" in p.stdout
+    p = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "done: 4 steps" in p.stdout
