@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 	mkdir -p mlruns/artifacts
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) \
 		--artifacts-destination $(abspath mlruns/artifacts) --host 127.0.0.1 --port $(PORT)
 
 clean-runs:  ## delete local runs and the MLflow store (asks first)

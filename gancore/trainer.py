@@ -44,6 +44,8 @@ class RunResult:
     status: str  # finished | stopped (signal / stop_after: a checkpoint was written, resume continues)
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0  # wall time of the training loop alone (no setup, no end-of-run reports)
+    steps_run: int = 0  # steps this call ran (after a resume: fewer than `step`)
 
 
 class StopFlag:
@@ -210,6 +212,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     last_ckpt: Path | None = ckpt.latest(run_dir) if is_main else None
     t_window, steps_window = time.perf_counter(), 0
     status = "finished"
+    t_loop, first_step = time.perf_counter(), step
     try:
         batch = None
         while step < total_steps:
@@ -280,6 +283,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         raise
     progress.close()
     stop.restore()
+    loop_seconds = time.perf_counter() - t_loop
 
     # ------------------------------------------------------------------------------------------------------------
     # Done: report outputs (loss plots per range, loss report), family figures, artifacts
@@ -298,7 +302,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             tracker.log_artifact(last_ckpt, "checkpoints")
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     accelerator.wait_for_everyone()
-    return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics)
+    return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics, loop_seconds, step - first_step)
 
 
 class _Progress:

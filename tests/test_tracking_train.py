@@ -1,0 +1,59 @@
+"""A training run as MLflow sees it, read back through MlflowClient: params, metric steps, grids, artifacts, resume."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gancore.config import flat
+from gancore.trainer import fit
+from conftest import needs_mnist, tiny
+
+pytestmark = needs_mnist
+
+
+def _uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+
+
+def _steps(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _artifacts(client, run_id, path=None):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_training_run_is_fully_recorded(tmp_path):
+    cfg = tiny("track.enabled=true", f"track.uri={_uri(tmp_path)}", "track.experiment=e2e", "train.log_every=2",
+               "track.log_checkpoints=final")
+    r = fit(cfg, out=tmp_path / "run")
+    client = MlflowClient(tracking_uri=_uri(tmp_path))
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "quickstart"
+    assert run.data.params == {k: str(v) for k, v in flat(cfg).items()}
+    assert run.data.tags["gancore.preset"] == "quickstart"
+    # 8 steps, log_every 2 -> a value at steps 2, 4, 6, 8 (epoch ends at 4 and 8 coincide)
+    for key in ("Loss/D", "Loss/G", "D/real", "D/fake", "D/acc", "images_per_s", "epoch", "lr/G"):
+        assert _steps(client, r.run_id, key) == [2, 4, 6, 8], key
+    assert [m.value for m in sorted(client.get_metric_history(r.run_id, "epoch"), key=lambda m: m.step)] == [0.5, 1.0, 1.5, 2.0]
+    arts = _artifacts(client, r.run_id)
+    grids = sorted(a for a in arts if a.startswith("images/samples") and a.endswith(".png"))
+    assert len(grids) == 2 and "step+4+" in grids[0] and "step+8+" in grids[1]  # track.image_every=4
+    for want in ("config.yaml", "real_samples.png", "plots/loss_all.png", "report/loss_report.json",
+                 "snapshots/epoch_002.png", "snapshots/G_epoch_002.pt", "checkpoints/step_00000008.pt"):
+        assert want in arts, (want, arts)
+
+
+def test_resumed_run_keeps_one_run_id_and_no_duplicate_steps(tmp_path):
+    cfg = tiny("track.enabled=true", f"track.uri={_uri(tmp_path)}", "train.log_every=1", "train.epochs=3")
+    part = fit(cfg, out=tmp_path / "run", stop_after=5)
+    client = MlflowClient(tracking_uri=_uri(tmp_path))
+    assert client.get_run(part.run_id).info.status == "KILLED"
+    assert _steps(client, part.run_id, "Loss/D") == [1, 2, 3, 4, 5]
+    done = fit(cfg, out=tmp_path / "run", resume="auto")
+    assert done.run_id == part.run_id
+    assert _steps(client, done.run_id, "Loss/D") == list(range(1, 13))
+    assert client.get_run(done.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(done.run_id).info.experiment_id])) == 1
