@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -49,19 +49,35 @@ class RunResult:
 
 
 class StopFlag:
-    """Set by SIGUSR1 (Slurm's warning before the time limit / preemption) or SIGTERM; checked once per step."""
+    """Set by SIGUSR1 (Slurm's warning before the time limit / preemption), SIGUSR2 (submitit's) or SIGTERM.
 
-    def __init__(self) -> None:
+    `requested(step)` is checked once per step. With several processes every rank must stop at the same step (a
+    rank that stops alone leaves the others blocked in a collective), so there the ranks agree with one tiny
+    all-reduce every SYNC_EVERY steps instead of a host sync per step.
+    """
+
+    SYNC_EVERY = 10
+
+    def __init__(self, accelerator: Accelerator | None = None) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
+        self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
 
     def install(self) -> None:
         if hasattr(signal, "SIGUSR1") and _in_main_thread():
-            for s in (signal.SIGUSR1, signal.SIGTERM):
+            for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        if self._acc is None:
+            return self.signal is not None
+        if step % self.SYNC_EVERY:
+            return False
+        flag = torch.tensor([float(self.signal is not None)], device=self._acc.device)
+        return bool(self._acc.reduce(flag, "sum").item() > 0)
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -112,8 +128,11 @@ def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> 
 
 
 def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
-        stop_after: int | None = None) -> RunResult:
-    """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir."""
+        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir.
+
+    `on_eval(step, metrics)` is called after every sample-quality evaluation (sweeps report and prune there).
+    """
     # ------------------------------------------------------------------------------------------------------------
     # Setup: devices, seeds, data, the family and its optimisers
     accelerator = _accelerator(cfg)
@@ -123,6 +142,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     image_shape = tuple(x_all.shape[1:])
     num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
     family = build_family(cfg, image_shape, num_classes)
+    if cfg.train.compile == "compile":
+        _compile_networks(family, is_main)
 
     names = list(family.networks)
     opt_names = list(family.optimizers)
@@ -145,7 +166,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     # Resume: the run dir, the checkpoint, every piece of state
     run_dir, resume_from = resolve_run_dir(cfg, out, resume) if is_main else (None, None)
     run_dir, resume_from = broadcast_object_list([run_dir, resume_from])
-    step, run_id, history = 0, None, {}
+    step, run_id, history, best = 0, None, {}, {}
     window, epoch_stats = StatsAccumulator(), StatsAccumulator()  # per log window / per epoch
     if resume_from is not None:
         state = ckpt.load(resume_from)
@@ -165,6 +186,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         ckpt.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
         step, run_id, history = int(state["step"]), state.get("run_id"), state.get("history", {})
         epoch_stats.load_state_dict(state["epoch_stats"])
+        best = state.get("best", {})
 
     tracker = make_tracker(cfg, is_main)
     if is_main:
@@ -177,7 +199,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
             tracker.log_artifact(run_dir / "real_samples.png")
 
-    def save_checkpoint() -> Path | None:
+    def save_checkpoint(path: Path | None = None) -> Path | None:
         if not is_main:
             return None
         state = {
@@ -195,7 +217,10 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             "loader": loader.state_dict(),
             "history": history,
             "epoch_stats": epoch_stats.state_dict(),  # a mid-epoch stop keeps the epoch's partial sums
+            "best": best,
         }
+        if path is not None:  # e.g. the best-FID checkpoint, kept outside the step rotation
+            return ckpt.save(state, path)
         path = ckpt.save(state, ckpt.step_path(run_dir, step))
         ckpt.prune(run_dir, cfg.train.keep_checkpoints)
         return path
@@ -203,9 +228,25 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     def sample_grid() -> torch.Tensor:
         return family.to_uint8(family.sample(cfg.train.grid_size, inputs=fixed))
 
+    def sampler_uint8() -> Callable[[int], torch.Tensor]:
+        """b -> b generated uint8 images; the same seeded inputs at every evaluation (comparable across steps)."""
+        g = torch.Generator().manual_seed(cfg.train.seed + 777)
+        return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
+
+    def evaluate_metrics() -> dict[str, float]:
+        """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
+        from gancore.metrics import evaluate
+
+        values = evaluate(cfg, sampler_uint8(), accelerator.device) if is_main else {}
+        fid = sorted(k for k in values if k.startswith("fid_"))
+        if fid and values[fid[0]] < best.get("value", float("inf")):
+            best.update(key=fid[0], value=values[fid[0]], step=step)
+            save_checkpoint(run_dir / ckpt.CKPT_DIR / "best.pt")
+        return values
+
     # ------------------------------------------------------------------------------------------------------------
     # The loop
-    stop = StopFlag()
+    stop = StopFlag(accelerator)
     stop.install()
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     progress = _Progress(enabled=is_main and cfg.train.progress, total=total_steps, start=step, name=cfg.name)
@@ -213,6 +254,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     t_window, steps_window = time.perf_counter(), 0
     status = "finished"
     t_loop, first_step = time.perf_counter(), step
+    last_metrics: dict[str, float] = {}
     try:
         batch = None
         while step < total_steps:
@@ -236,8 +278,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             steps_window += 1
             epoch_end = step % steps_per_epoch == 0
             epoch = (step - 1) // steps_per_epoch + 1  # 1-based epoch this step belongs to
+            stop_now = stop.requested(step)  # a signal arrived: finish this step, checkpoint, return "stopped"
             must_checkpoint = step % cfg.train.checkpoint_every == 0 or step == total_steps or \
-                stop.signal is not None or (stop_after is not None and step >= stop_after)
+                stop_now or (stop_after is not None and step >= stop_after)
 
             # -- statistics: the only host sync, every log_every steps (and before any checkpoint)
             if step % cfg.train.log_every == 0 or must_checkpoint or epoch_end:
@@ -270,10 +313,18 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                 img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
                 tracker.log_image(img, key="samples", step=step)
 
+            # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end
+            if cfg.eval.n_samples and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
+                values = evaluate_metrics()
+                tracker.log_metrics(values, step)
+                if on_eval is not None:
+                    on_eval(step, values)
+                last_metrics = values
+
             # -- checkpoint (every checkpoint_every, at the end, on a stop signal)
             if must_checkpoint:
                 last_ckpt = save_checkpoint() or last_ckpt
-                if stop.signal is not None or (stop_after is not None and step >= stop_after and step < total_steps):
+                if stop_now or (stop_after is not None and step >= stop_after and step < total_steps):
                     status = "stopped"
                     break
     except BaseException as e:
@@ -287,14 +338,17 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
 
     # ------------------------------------------------------------------------------------------------------------
     # Done: report outputs (loss plots per range, loss report), family figures, artifacts
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(last_metrics)
+    if best:
+        metrics[f"best_{best['key']}"] = best["value"]
     if is_main and status == "finished":
         out_plots = plots.loss_plots(history, cfg.train.loss_ranges, run_dir / "plots")
         plots.loss_report(history, cfg.train.loss_ranges, run_dir / "loss_report.json")
         figures = family.figures(run_dir / "figures", {"x": x_all, "y": y_all})
-        metrics.update(family.evaluate({"x": x_all, "y": y_all}))
-        if metrics:
-            tracker.log_metrics(metrics, step)
+        family_metrics = family.evaluate({"x": x_all, "y": y_all})
+        metrics.update(family_metrics)
+        if family_metrics or best:
+            tracker.log_metrics({**family_metrics, **({f"best_{best['key']}": best["value"]} if best else {})}, step)
         for p in [*out_plots, run_dir / "loss_report.json", run_dir / "loss_report.md", *figures]:
             tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
         tracker.log_artifact(run_dir / "snapshots", "snapshots")
@@ -303,6 +357,20 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     accelerator.wait_for_everyone()
     return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics, loop_seconds, step - first_step)
+
+
+def _compile_networks(family: Family, notify: bool) -> None:
+    """torch.compile every network's forward in place (state_dict keys stay unchanged for checkpoints).
+
+    Where compilation is impossible (no C++ compiler, an unsupported op), dynamo falls back to eager per graph.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
+    for net in family.networks.values():
+        net.compile()
+    if notify:
+        print("train.compile=compile: networks compiled with torch.compile (first steps are slow while it compiles)")
 
 
 class _Progress:
