@@ -117,6 +117,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class VAEConfig:
     beta: float = 1.0  # weight of the KL term (beta-VAE); 1 = the report's ELBO
+    # end-of-run figures and vae_test_* metrics use the first N test images; 0 = all 10,000 (the reported numbers)
+    test_subset: int = infra(0)
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,29 @@ class GANomalyConfig:
     w_con: float = 50.0  # contextual (L1 reconstruction) weight
     w_enc: float = 1.0  # latent (z vs z_hat, L2) weight
     score: str = "latent"  # anomaly score: latent (||z - z_hat||) | recon (||x - x_hat||)
+    # discriminator: latent (MLP telling encoder codes z from N(0, I) draws; pushes z toward the prior) |
+    # image (the GANomaly paper's conv D on x vs x_hat, feature-matching adversarial loss)
+    disc: str = "latent"
+    # AUROC / figures / grid inputs use the first N test images (all digits); 0 = all 10,000 (the reported numbers)
+    test_subset: int = infra(0)
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 1000  # T
-    schedule: str = "linear"  # beta schedule: linear | cosine
+    schedule: str = "linear"  # beta schedule: linear (Ho et al. 1e-4..0.02 at T=1000) | cosine (Nichol & Dhariwal)
     p_uncond: float = 0.1  # label dropout for classifier-free guidance
     guidance: float = infra(1.0)  # sampling guidance scale (1 = conditional, no extra guidance)
     sampler: str = infra("ddim")  # ddim | ddpm
     sample_steps: int = infra(50)  # DDIM steps
+    ddim_eta: float = infra(0.0)  # DDIM noise scale eta (0 = deterministic given the initial noise)
+    # U-Net (model.arch=unet; base width = model.ngf)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution level (each after the first halves H, W)
+    num_res_blocks: int = 2  # residual blocks per level
+    attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
+    dropout: float = 0.1  # dropout inside residual blocks (Ho et al. CIFAR-10: 0.1)
+    # the report's one-level denoiser (family denoiser_report)
+    sigma: float = 0.5  # the single fixed noise level, in [-1, 1] image units
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.sampler": ("ddim", "ddpm"),
     "ganomaly.score": ("latent", "recon"),
+    "ganomaly.disc": ("latent", "image"),
     "eval.extractor": ("auto", "inception", "lenet_mnist", "lenet_fashion_mnist", "cifar_classifier"),
     "eval.real_split": ("data", "train", "test"),
 }

@@ -46,6 +46,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     loop_seconds: float = 0.0  # wall time of the training loop alone (no setup, no end-of-run reports)
     steps_run: int = 0  # steps this call ran (after a resume: fewer than `step`)
+    stop_signal: int | None = None  # the signal that stopped the run (launchers requeue on warnings, not SIGTERM)
 
 
 class StopFlag:
@@ -184,6 +185,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             accelerator.scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
+        if accelerator.process_index > 0:  # only rank 0's RNG is saved: other ranks re-derive distinct streams
+            torch.manual_seed(cfg.train.seed + 7919 * accelerator.process_index + 104729 * int(state["step"]))
         step, run_id, history = int(state["step"]), state.get("run_id"), state.get("history", {})
         epoch_stats.load_state_dict(state["epoch_stats"])
         best = state.get("best", {})
@@ -356,7 +359,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             tracker.log_artifact(last_ckpt, "checkpoints")
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     accelerator.wait_for_everyone()
-    return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics, loop_seconds, step - first_step)
+    return RunResult(run_dir, run_id, step, total_steps, status, last_ckpt, metrics, loop_seconds, step - first_step,
+                     stop_signal=stop.signal if status == "stopped" else None)
 
 
 def _compile_networks(family: Family, notify: bool) -> None:

@@ -8,6 +8,7 @@ Also under `accelerate launch jobs/train.py ...` (DDP, mixed precision). Exit co
 from __future__ import annotations
 
 import argparse
+import os
 
 from _cli import quiet_third_party, run
 
@@ -29,6 +30,8 @@ def main() -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
+    if os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run: the main one reports
+        return EXIT_STOPPED if result.status == "stopped" else 0
     if result.status == "stopped":
         print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}; "
               f"continue with --out {result.run_dir} --resume auto")

@@ -78,7 +78,11 @@ class Family:
 
     def sampler_network(self) -> nn.Module:
         """The network that generates (its EMA copy when there is one)."""
-        return self.ema if self.ema is not None else self.networks[self.generator_name]
+        if self.ema is not None:
+            return self.ema
+        net = self.networks[self.generator_name]
+        # DDP wraps the network: sampling on the main process alone must not enter DDP's buffer broadcast
+        return getattr(net, "module", net)
 
     # -- reporting -------------------------------------------------------------------------------------------
     def figures(self, out_dir: Path, data: "object") -> list[Path]:

@@ -5,3 +5,5 @@ networks (GAN builders: {"G": ..., "D": ...}).
 """
 
 from gancore.models import dcgan, mlp  # noqa: F401  (registration)
+from gancore.models import denoiser, unet  # noqa: F401  (registration: diffusion family)
+from gancore.models import ganomaly, vae  # noqa: F401  (registration: vae_conv, ganomaly)

@@ -1,0 +1,269 @@
+"""The VAE and GANomaly families: shapes, one step, KL, AUROC, loss falls, exact resume, tiny end-to-end runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gancore import checkpoint as ckpt
+from gancore.errors import ConfigError
+from gancore.families.ganomaly import GANomaly, anomaly_table, auroc
+from gancore.families.vae import VAE, kl_divergence
+from gancore.trainer import fit
+from conftest import ROOT, needs_mnist, tiny
+
+# small GANomaly networks so a CPU step takes milliseconds; the preset's 64/128/256 convs are shape-tested below
+SMALL_GANOMALY = ("model.ngf=8", "model.ndf=8", "model.nz=16", "ganomaly.test_subset=200")
+CONFIGS = {
+    "vae": lambda *o: tiny("vae.test_subset=200", *o, config="configs/mnist_vae.yaml"),
+    "ganomaly": lambda *o: tiny(*SMALL_GANOMALY, *o, config="configs/mnist_ganomaly.yaml"),
+    "ganomaly_image_d": lambda *o: tiny(*SMALL_GANOMALY, "ganomaly.disc=image", "ganomaly.score=recon", *o,
+                                        config="configs/mnist_ganomaly.yaml"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads make a step ~7x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _changed(before, net) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def _one_step(family, phase, batch):
+    opt = family.optimizers[phase.optimizer]
+    loss, stats = phase.loss(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def test_vae_shapes_and_one_step():
+    cfg = tiny(config="configs/mnist_vae.yaml")
+    torch.manual_seed(0)
+    fam = VAE(cfg, (1, 28, 28), 10)
+    enc, dec = fam.networks["encoder"], fam.networks["decoder"]
+    assert fam.generator_name == "decoder" and [p.name for p in fam.phases] == ["ELBO"]
+    x_u8 = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    batch = fam.prepare(x_u8, None)
+    assert 0 <= batch.x.min() and batch.x.max() <= 1
+    assert torch.equal(fam.to_uint8(batch.x), x_u8)  # [0, 1] round trip
+    mu, logvar = enc(batch.x)
+    assert mu.shape == logvar.shape == (5, 2)
+    out = dec(mu)
+    assert out.shape == (5, 1, 28, 28) and 0 <= out.min() and out.max() <= 1
+    assert fam.sample(7).shape == (7, 1, 28, 28)
+    be, bd = _params(enc), _params(dec)
+    loss, stats = _one_step(fam, fam.phases[0], batch)
+    assert set(stats) == {"Loss/total", "Loss/recon", "Loss/kl"} and all(v.ndim == 0 for v in stats.values())
+    assert stats["Loss/total"] == pytest.approx(float(stats["Loss/recon"] + stats["Loss/kl"]), rel=1e-6)  # beta 1
+    assert stats["Loss/recon"] > 0 and stats["Loss/kl"] >= 0
+    assert _changed(be, enc) and _changed(bd, dec)  # one Adam over both networks
+
+
+def test_kl_matches_closed_form():
+    mu = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(4.0)], [0.0, 0.0]])
+    # 0.5 * sum(sigma^2 + mu^2 - 1 - log sigma^2): (1 + 1 - 1 - 0) + (4 + 4 - 1 - log 4)
+    expected = 0.5 * ((1 + 1 - 1 - 0) + (4 + 4 - 1 - math.log(4.0)))
+    kl = kl_divergence(mu, logvar)
+    assert kl.shape == (2,)
+    assert kl[0].item() == pytest.approx(expected, rel=1e-6)
+    assert kl[1].item() == 0.0  # the prior itself
+    q = torch.distributions.Normal(mu[0], (0.5 * logvar[0]).exp())
+    p = torch.distributions.Normal(torch.zeros(2), torch.ones(2))
+    assert kl[0].item() == pytest.approx(torch.distributions.kl_divergence(q, p).sum().item(), rel=1e-6)
+
+
+def test_vae_beta_weights_kl():
+    torch.manual_seed(0)
+    fam = VAE(tiny("vae.beta=4", config="configs/mnist_vae.yaml"), (1, 28, 28), 10)
+    batch = fam.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), None)
+    loss, s = fam.loss(batch)
+    assert loss.item() == pytest.approx((s["Loss/recon"] + 4 * s["Loss/kl"]).item(), rel=1e-6)
+
+
+@needs_mnist
+def test_vae_loss_falls_on_real_mnist():
+    from gancore.data import DeviceLoader, load_images
+
+    cfg = tiny("data.subset=1024", "optim.batch_size=128", config="configs/mnist_vae.yaml")
+    torch.manual_seed(0)
+    x, y = load_images(cfg.data)
+    fam = VAE(cfg, tuple(x.shape[1:]), 10)
+    loader = DeviceLoader(x, y, 128, seed=0, device=torch.device("cpu"))
+    losses = []
+    for _ in range(64):  # 8 epochs of 8 batches
+        _, stats = _one_step(fam, fam.phases[0], fam.prepare(*loader.next()))
+        losses.append(stats["Loss/total"].item())
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.6 * first, (first, last)  # per image: ~140 -> ~55 (summed squared error + KL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GANomaly
+
+
+@pytest.mark.parametrize("disc", ["latent", "image"])
+def test_ganomaly_shapes_and_one_step(disc):
+    torch.manual_seed(0)
+    # the preset's networks (convs 64/128/256, nz 100) at 32x32
+    fam = GANomaly(tiny(f"ganomaly.disc={disc}", config="configs/mnist_ganomaly.yaml"), (1, 32, 32), 10)
+    G, D = fam.networks["G"], fam.networks["D"]
+    assert [p.name for p in fam.phases] == ["G", "D"] and not fam.phases[1].fresh_batch
+    convs = [m.out_channels for m in G.encoder1.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [64, 128, 256, 100]
+    batch = fam.prepare(torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8), None)
+    x_hat, z, z_hat = G(batch.x)
+    assert x_hat.shape == (6, 1, 32, 32) and z.shape == z_hat.shape == (6, 100)
+    assert x_hat.abs().max() <= 1  # tanh
+    assert D(z if disc == "latent" else batch.x).shape == (6, 1)
+    bg, bd = _params(G), _params(D)
+    _, gs = _one_step(fam, fam.phases[0], batch)
+    assert {"Loss/G", "Loss/adv", "Loss/con", "Loss/enc"} <= set(gs)
+    w = fam.cfg.ganomaly
+    assert gs["Loss/G"].item() == pytest.approx(
+        (w.w_adv * gs["Loss/adv"] + w.w_con * gs["Loss/con"] + w.w_enc * gs["Loss/enc"]).item(), rel=1e-5)
+    assert _changed(bg, G) and not _changed(bd, D)
+    _, ds = _one_step(fam, fam.phases[1], batch)  # reuses the G phase's batch and reconstructions
+    assert "Loss/D" in ds and math.isfinite(ds["Loss/D"].item())
+    assert _changed(bd, D)
+    with pytest.raises(RuntimeError, match="after its G phase"):
+        fam.phases[1].loss(batch)
+
+
+def test_ganomaly_needs_a_normal_class_and_power_of_two_size():
+    with pytest.raises(ConfigError, match="data.normal_class"):
+        GANomaly(tiny("data.normal_class=-1", config="configs/mnist_ganomaly.yaml"), (1, 32, 32), 10)
+    with pytest.raises(ConfigError, match="data.image_size=32"):
+        GANomaly(tiny(config="configs/mnist_ganomaly.yaml"), (1, 28, 28), 10)
+
+
+def test_auroc_separable_identical_and_ties():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(50), np.ones(70)]
+    assert auroc(np.r_[rng.uniform(0, 1, 50), rng.uniform(2, 3, 70)], labels) == 1.0
+    assert auroc(np.r_[rng.uniform(2, 3, 50), rng.uniform(0, 1, 70)], labels) == 0.0
+    assert auroc(np.ones(120), labels) == 0.5  # all tied: chance
+    same = rng.normal(size=20000)  # both classes from one distribution
+    assert auroc(same, rng.integers(0, 2, 20000)) == pytest.approx(0.5, abs=0.015)
+    from sklearn.metrics import roc_auc_score
+
+    for seed in range(5):
+        r = np.random.default_rng(seed)
+        s = r.integers(0, 8, 300).astype(float)  # heavy ties
+        y = r.integers(0, 2, 300)
+        s[y == 1] += r.integers(0, 3, (y == 1).sum())  # some signal
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([0.1, 0.2], [1, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the trainer: end-to-end, resume, generate
+
+
+def _states_equal(a, b, path=""):
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys"]
+        return [d for k in a for d in _states_equal(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        return [f"{path}: length"] if len(a) != len(b) else \
+            [d for i, (u, v) in enumerate(zip(a, b)) for d in _states_equal(u, v, f"{path}[{i}]")]
+    if torch.is_tensor(a):
+        return [] if torch.equal(a, b) else [path]
+    return [] if a == b else [path]
+
+
+FIGURES = {
+    "vae": ["vae_reconstructions.png", "vae_latent.png", "vae_manifold.png", "vae_prior_samples.png"],
+    "ganomaly": ["ganomaly_score_hist.png", "ganomaly_roc.png", "ganomaly_reconstructions.png"],
+}
+FIGURES["ganomaly_image_d"] = FIGURES["ganomaly"]
+METRICS = {"vae": {"vae_test_elbo", "vae_test_recon", "vae_test_kl"}, "ganomaly": {"auroc", "average_precision"}}
+METRICS["ganomaly_image_d"] = METRICS["ganomaly"]
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """One uninterrupted 3-epoch run per family (12 steps), shared by the end-to-end and resume tests."""
+    root = tmp_path_factory.mktemp("full")
+    return {k: fit(make("train.epochs=3"), out=root / k) for k, make in CONFIGS.items()}
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tiny_run_figures_and_metrics(full_runs, name):
+    r = full_runs[name]
+    assert r.status == "finished" and r.step == r.total_steps == 12
+    for f in FIGURES[name]:
+        assert (r.run_dir / "figures" / f).is_file(), f
+    assert set(r.metrics) == METRICS[name]
+    assert all(math.isfinite(v) for v in r.metrics.values()), r.metrics
+    if name == "vae":
+        m = r.metrics
+        assert m["vae_test_elbo"] == pytest.approx(-(m["vae_test_recon"] + m["vae_test_kl"]))
+        assert 0 < m["vae_test_recon"] < 784  # summed squared error of [0, 1] pixels
+    else:
+        assert 0 <= r.metrics["auroc"] <= 1 and 0 < r.metrics["average_precision"] <= 1
+    for rel in ["snapshots/epoch_003.png", "plots/loss_all.png", "samples/step_00000012.png"]:
+        assert (r.run_dir / rel).is_file(), rel
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", ["vae", "ganomaly"])
+def test_resume_is_bit_identical(full_runs, tmp_path, name):
+    cfg = CONFIGS[name]("train.epochs=3")
+    full = full_runs[name]
+    part = fit(cfg, out=tmp_path / "part", stop_after=5)  # mid-epoch (4 steps per epoch)
+    assert part.status == "stopped" and part.step == 5
+    resumed = fit(cfg, out=tmp_path / "part", resume="auto")
+    assert resumed.status == "finished" and resumed.step == full.step
+    a, b = ckpt.load(full.checkpoint), ckpt.load(resumed.checkpoint)
+    for key in ("networks", "optimizers", "loader", "history", "step"):
+        assert _states_equal(a[key], b[key]) == [], key
+    assert resumed.metrics == full.metrics
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", ["vae", "ganomaly"])
+def test_generate_from_checkpoint(full_runs, tmp_path, name):
+    from gancore.generate import generate  # what jobs/generate.py calls
+
+    out = generate(full_runs[name].run_dir, 12, tmp_path / "s.npz", batch_size=5)
+    z = np.load(out)
+    side = 28 if name == "vae" else 32
+    assert z["x"].shape == (12, 1, side, side) and z["x"].dtype == np.uint8
+    if name == "ganomaly":  # reconstructions of real test images: their digits come along
+        assert "y" in z and z["y"].shape == (12,)
+
+
+@needs_mnist
+def test_anomaly_table_two_digits(tmp_path):
+    rows, out, complete = anomaly_table(ROOT / "configs/mnist_ganomaly.yaml", digits=[0, 1],
+                                        overrides=[*SMALL_GANOMALY, "data.subset=64", "optim.batch_size=32",
+                                                   "train.epochs=1", "train.progress=false", "track.enabled=false",
+                                                   "train.snapshot_epochs=[1]", "train.loss_ranges=[[1,1]]"],
+                                        out=tmp_path / "table")
+    assert complete and [r["normal_digit"] for r in rows] == [0, 1]
+    assert all(0 <= r["auroc"] <= 1 for r in rows)
+    lines = (out / "table.csv").read_text().splitlines()
+    assert lines[0].startswith("normal_digit,auroc,average_precision") and len(lines) == 3
+    md = (out / "table.md").read_text()
+    assert "| mean |" in md and (out / "digit_1" / "figures" / "ganomaly_roc.png").is_file()

@@ -1,0 +1,261 @@
+"""Diffusion family: U-Net / report denoiser shapes and one step, the Gaussian process (closed-form q(x_t | x_0),
+schedules), deterministic DDIM, guidance, RNG hygiene of sampling, bit-identical resume, tiny end-to-end runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gancore import checkpoint as ckpt
+from gancore.config import load_config
+from gancore.families.base import Batch
+from gancore.families.diffusion import Diffusion, GaussianDiffusion, ReportDenoiser, beta_schedule
+from gancore.registry import FAMILIES, MODELS
+from gancore.trainer import fit
+from conftest import ROOT, needs_cifar, tiny
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on the shared 2-core CI box under load, OpenMP spin-waits
+    made this file take 170 s with 2 threads vs 24 s with 1 (measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_UNET = ["model.arch=unet", "model.ngf=8", "diffusion.channel_mult=[1,2]", "diffusion.num_res_blocks=1"]
+
+
+def _cfg(*over: str, config: str | None = None):
+    return load_config(ROOT / config if config else None, [*TINY_UNET, *over])
+
+
+def _randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The U-Net starts with zero output layers (eps = 0 everywhere); give every weight a random value so
+    comparisons between predictions mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+def _unet(cfg, shape=(3, 16, 16), classes=10):
+    return MODELS["unet"](cfg.model, shape, classes, diffusion=cfg.diffusion)["denoiser"]
+
+
+def _states_equal(a, b, path: str = "") -> list[str]:
+    """Every tensor/number in two nested state dicts, compared exactly; returns the differing paths."""
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in _states_equal(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length"]
+        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _states_equal(u, v, f"{path}[{i}]")]
+    if torch.is_tensor(a):
+        return [] if torch.equal(a, b) else [path]
+    return [] if a == b else [path]
+
+
+# -- networks ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_unet_shape_and_one_step(attention):
+    torch.manual_seed(0)
+    cfg = _cfg(f"diffusion.attention={str(attention).lower()}", "optim.beta1=0.9", "optim.lr_g=1e-3")
+    fam = Diffusion(cfg, (3, 16, 16), 10)
+    net = fam.networks["denoiser"]
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    y = torch.tensor([0, 3, 9, 10])  # 10 = the null class
+    assert net(x, torch.tensor([0, 10, 500, 999]), y).shape == (4, 3, 16, 16)
+    assert net.class_emb.num_embeddings == 11 and fam.null_class == 10
+    assert any(type(m).__name__ == "Attention" for m in net.modules()) == attention
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, stats = fam.phases[0].loss(Batch(x, y[:4].clamp(max=9)))
+    assert set(stats) == {"Loss/mse", "Loss/total"} and loss.ndim == 0
+    assert 0.5 < loss.item() < 1.5  # eps-prediction starts at ~E[eps^2] = 1 (zero-initialised output)
+    fam.optimizers["denoiser"].zero_grad()
+    loss.backward()
+    fam.optimizers["denoiser"].step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert sum(not torch.equal(a, p) for a, p in zip(before, net.parameters())) > 0
+
+
+def test_unet_rejects_indivisible_size():
+    from gancore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not divisible by 2\\^3"):
+        _unet(_cfg("diffusion.channel_mult=[1,2,2,2]"), shape=(1, 28, 28))
+
+
+def test_report_denoiser_shape_and_one_step():
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/cifar10_denoiser_report.yaml", ["model.ngf=8"])
+    assert cfg.optim.lr_g == 1e-3 and cfg.train.epochs == 5 and FAMILIES["denoiser_report"] is ReportDenoiser
+    fam = ReportDenoiser(cfg, (3, 16, 16), 10)
+    net = fam.networks["denoiser"]
+    x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 9])
+    assert net(x, y).shape == (4, 3, 16, 16)
+    loss, stats = fam.phases[0].loss(Batch(x, y))
+    fam.optimizers["denoiser"].zero_grad()
+    loss.backward()
+    fam.optimizers["denoiser"].step()
+    assert torch.isfinite(loss) and stats["Loss/mse"] == loss.detach()
+
+
+# -- the process ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_sample_matches_closed_form(schedule):
+    """Empirical mean and variance of x_t over 20000 draws vs sqrt(abar_t) x0 and 1 - abar_t (5 standard errors)."""
+    proc = GaussianDiffusion(1000, schedule)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    x0 = torch.tensor([-0.9, 0.0, 0.3, 1.0]).repeat(n, 1)  # (n, 4): four pixel values, n draws each
+    for t_ in (0, 99, 499, 999):
+        abar = proc.alphas_cumprod[t_].item()
+        xt = proc.q_sample(x0, torch.full((n,), t_), torch.randn(x0.shape, generator=g)).double()
+        mean, var = xt.mean(0), xt.var(0)
+        mean_want = math.sqrt(abar) * x0[0].double()
+        se_mean = math.sqrt((1 - abar) / n)
+        se_var = (1 - abar) * math.sqrt(2 / (n - 1))
+        assert torch.all((mean - mean_want).abs() < 5 * se_mean), (t_, mean, mean_want)
+        assert torch.all((var - (1 - abar)).abs() < 5 * se_var), (t_, var, 1 - abar)
+
+
+def test_schedules():
+    for name in ("linear", "cosine"):
+        proc = GaussianDiffusion(1000, name)
+        ab = proc.alphas_cumprod
+        assert ab.dtype == torch.float64 and ab.shape == (1000,)
+        assert torch.all(ab[1:] < ab[:-1]) and torch.all((ab > 0) & (ab < 1)), name
+    lin = beta_schedule("linear", 1000)
+    assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
+    assert GaussianDiffusion(1000, "linear").alphas_cumprod[-1] < 1e-4  # ~4e-5: x_T is essentially pure noise
+    cos = GaussianDiffusion(1000, "cosine").alphas_cumprod
+    assert cos[-1] < 1e-6 and cos[0] > 0.9999  # Nichol & Dhariwal: from ~1 to ~0
+    assert cos[499].item() == pytest.approx(0.5, abs=0.03)  # cos^2 schedule crosses 1/2 near the middle
+
+
+def test_ddim_deterministic_and_seed_dependent():
+    cfg = _cfg("diffusion.sampler=ddim", "diffusion.sample_steps=5", "train.progress=false")
+    fam = Diffusion(cfg, (3, 16, 16), 10)
+    _randomised(fam.networks["denoiser"])
+    a = fam.sample(4, generator=torch.Generator().manual_seed(1))
+    b = fam.sample(4, generator=torch.Generator().manual_seed(1))
+    c = fam.sample(4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.05
+    assert a.shape == (4, 3, 16, 16) and a.abs().max() <= 1.0  # the last step returns the clipped x0 estimate
+    # eta = 0: the per-step generator is never used, so the loop's output depends only on the initial noise
+    proc, net = fam.process, fam.networks["denoiser"]
+    noise, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    assert torch.equal(proc.ddim_sample_loop(net, noise, y, 5), proc.ddim_sample_loop(net, noise, y, 5))
+    assert proc.ddim_timesteps(5) == [999, 749, 500, 250, 0]
+
+
+def test_sampling_leaves_global_rng_alone():
+    """Grids are drawn mid-training; sampling must not move torch's global RNG (resume would diverge)."""
+    for sampler in ("ddim", "ddpm"):
+        cfg = _cfg(f"diffusion.sampler={sampler}", "diffusion.timesteps=10", "diffusion.ddim_eta=0.5",
+                   "diffusion.sample_steps=4", "train.progress=false")
+        fam = Diffusion(cfg, (3, 16, 16), 10)
+        _randomised(fam.networks["denoiser"])
+        fam.networks["denoiser"].train()  # dropout must be off while sampling, and training mode restored
+        inputs = fam.fixed_inputs(3, torch.Generator().manual_seed(5))
+        state = torch.get_rng_state()
+        a = fam.sample(3, inputs=inputs)
+        assert torch.equal(state, torch.get_rng_state()), sampler
+        assert torch.equal(a, fam.sample(3, inputs=inputs)), sampler  # stochastic sampler, seeded from the inputs
+        assert fam.networks["denoiser"].training
+
+
+def test_guidance_one_is_the_conditional_prediction():
+    cfg = _cfg()
+    net = _randomised(_unet(cfg))
+    proc = GaussianDiffusion(100)
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 99]), torch.tensor([0, 4, 7])
+    calls = []
+    hook = net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        cond = net(x, t, y)
+        assert torch.equal(proc.guided_eps(net, x, t, y, 1.0, null_class=10), cond)
+        assert calls == [3, 3]  # s = 1: one conditional pass, no unconditional one
+        uncond = net(x, t, torch.full_like(y, 10))
+        guided = proc.guided_eps(net, x, t, y, 3.0, null_class=10)  # one batched (2B) pass
+    hook.remove()
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    assert (guided - cond).abs().max() > 1e-3
+
+
+def test_label_dropout_uses_the_null_class():
+    proc = GaussianDiffusion(10)
+    seen = []
+
+    def model(x, t, y):
+        seen.append(y.clone())
+        return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    y = torch.zeros(4000, dtype=torch.long)
+    proc.training_loss(model, torch.zeros(4000, 1, 2, 2), y, p_uncond=0.1, null_class=10)
+    frac = (seen[0] == 10).float().mean().item()
+    assert set(seen[0].unique().tolist()) == {0, 10} and abs(frac - 0.1) < 5 * math.sqrt(0.09 / 4000)
+    proc.training_loss(model, torch.zeros(8, 1, 2, 2), None, p_uncond=0.1, null_class=10)
+    assert torch.all(seen[1] == 10)  # unlabelled data: the unconditional model
+
+
+# -- through the trainer -------------------------------------------------------------------------------------------
+
+# the brief's tiny CIFAR-10 run, at 16x16 with a two-level U-Net to keep a 2-core CPU busy for seconds, not minutes
+RUN = ["data.subset=64", "data.image_size=16", "optim.batch_size=16", "model.ngf=8", "diffusion.channel_mult=[1,2]",
+       "diffusion.num_res_blocks=1", "diffusion.sample_steps=2", "train.grid_size=4"]
+
+
+@needs_cifar
+def test_resume_is_bit_identical(tmp_path):
+    cfg = tiny(*RUN, "train.epochs=3", config="configs/cifar10_ddpm.yaml")  # EMA 0.9999, dropout 0.1, p_uncond 0.1: all on
+    assert cfg.family == "diffusion" and cfg.train.ema_decay == 0.9999
+    full = fit(cfg, out=tmp_path / "full")
+    part = fit(cfg, out=tmp_path / "part", stop_after=5)
+    assert part.status == "stopped" and part.step == 5
+    resumed = fit(cfg, out=tmp_path / "part", resume="auto")
+    assert resumed.status == "finished" and resumed.step == full.step == 12
+    a, b = ckpt.load(full.checkpoint), ckpt.load(resumed.checkpoint)
+    for key in ("networks", "optimizers", "ema", "loader", "history", "step"):
+        assert _states_equal(a[key], b[key]) == [], key
+    assert a["history"]["Loss/mse"] == b["history"]["Loss/mse"]
+
+
+@needs_cifar
+def test_tiny_end_to_end_writes_figures_and_generates(tmp_path):
+    from gancore.generate import generate
+
+    cfg = tiny(*RUN, "train.epochs=1", "diffusion.sampler=ddpm", "diffusion.timesteps=10",
+               "diffusion.schedule=cosine", "diffusion.guidance=2", config="configs/cifar10_ddpm.yaml")
+    r = fit(cfg, out=tmp_path / "run")
+    d = r.run_dir
+    assert r.status == "finished" and r.step == 4
+    for rel in ["figures/samples_per_class.png", "figures/forward_process.png", "samples/step_00000004.png",
+                "snapshots/epoch_001.png", "snapshots/denoiser_epoch_001.pt", "plots/loss_all.png"]:
+        assert (d / rel).is_file(), rel
+    out = generate(d, 12, tmp_path / "s.npz", batch_size=5)
+    z = np.load(out)
+    assert z["x"].shape == (12, 3, 16, 16) and z["x"].dtype == np.uint8
+    assert z["y"].tolist() == [i % 10 for i in range(5)] * 2 + [0, 1]
+
+
+@needs_cifar
+def test_report_denoiser_end_to_end(tmp_path):
+    cfg = tiny("data.subset=64", "data.image_size=16", "optim.batch_size=16", "model.ngf=8", "train.grid_size=10",
+               "train.epochs=1", config="configs/cifar10_denoiser_report.yaml")
+    r = fit(cfg, out=tmp_path / "run")
+    assert r.status == "finished"
+    assert (r.run_dir / "figures/denoise_examples.png").is_file()
+    assert set(r.metrics) == {"psnr_noisy_test1k", "psnr_denoised_test1k"}
+    # sigma = 0.5 on [-1, 1]: noisy PSNR = 10 log10(4 / 0.25) ~ 12 dB, less where clipping at +-1 helps
+    assert 11.5 < r.metrics["psnr_noisy_test1k"] < 13.5

@@ -1,0 +1,285 @@
+"""Against a real Slurm (../shared/slurm/slurm-up.sh): sbatch and submitit runs, preemption and time-limit requeue.
+
+Every job runs on this machine in the test's tmp dir, with its own SQLite MLflow store. A preempted / signalled job
+must requeue, resume from its checkpoint into ONE MLflow run and end bit-identical to an uninterrupted run.
+The time-limit warning is simulated with `scancel --batch --signal=USR1` (what Slurm sends at --signal=B:USR1@120).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_mnist
+from gancore import checkpoint as ckpt
+from gancore.launch import slurm_problem
+
+_PROBLEM = slurm_problem()
+_REQUIRED = os.environ.get("GANCORE_REQUIRE_SLURM") == "1"  # .ci/run started Slurm: a skip would hide a failure
+pytestmark = [
+    pytest.mark.slurm,
+    needs_mnist,
+    pytest.mark.skipif(_PROBLEM is not None and not _REQUIRED,
+                       reason=f"no Slurm: {_PROBLEM}; start one with bash ../shared/slurm/slurm-up.sh"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _slurm_is_up():
+    if _PROBLEM is not None:
+        pytest.fail(f"GANCORE_REQUIRE_SLURM=1 but Slurm is not usable: {_PROBLEM}")
+
+CONFIG = str(ROOT / "configs" / "quickstart.yaml")
+TINY = ["data.subset=128", "optim.batch_size=32", "train.progress=false", "train.snapshot_epochs=[1,2]",
+        "train.loss_ranges=[[1,1],[2,2]]", "train.grid_size=16"]  # 4 steps per epoch
+SHORT = [*TINY, "train.epochs=2", "train.log_every=1", "track.image_every=4"]  # 8 steps
+# Long enough to be interrupted after its first checkpoint (step 4): 48 steps.
+LONG = [*TINY, "train.max_steps=48", "train.checkpoint_every=4", "train.log_every=4", "track.image_every=24"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+WAIT_S = 900  # generous: other jobs may share the 2 cores
+
+
+def _env() -> dict[str, str]:
+    # one thread: the jobs and the reference run compute identically, and two jobs share 2 cores fairly
+    return {**os.environ, "GANCORE_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _sh(*cmd: str, **kw) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kw).stdout.strip()
+
+
+@pytest.fixture
+def jobs():
+    """Job ids submitted by a test; whatever is still queued or running afterwards is cancelled."""
+    ids: list[str] = []
+    yield ids
+    for jid in ids:
+        subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+
+
+def sbatch(jobs: list[str], *args: str) -> str:
+    Path("logs").mkdir(exist_ok=True)
+    jid = _sh("sbatch", "--parsable", *args, env=_env()).split(";")[0]
+    jobs.append(jid)
+    return jid
+
+
+def state(jid: str) -> str:
+    """The job's current state: squeue while slurmctld knows it, else sacct (which lags a little)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"], capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    if out:
+        return out[0]
+    rows = subprocess.run(["sacct", "-n", "-X", "-P", "-j", jid, "-o", "State"], capture_output=True, text=True,
+                          timeout=60).stdout.split("\n")
+    rows = [r.split()[0] for r in rows if r.strip()]
+    return rows[-1] if rows else "UNKNOWN"
+
+
+def wait_done(jid: str, timeout: float = WAIT_S) -> str:
+    end = time.time() + timeout
+    while time.time() < end:
+        s = state(jid)
+        if s in TERMINAL:
+            return s
+        time.sleep(2)
+    raise AssertionError(f"job {jid} not finished after {timeout:.0f} s (state {state(jid)})")
+
+
+def wait_for_checkpoint(run_dir: Path, jid: str, timeout: float = WAIT_S) -> None:
+    """Until the job wrote its first step checkpoint (it is mid-run then: an interruption has something to resume)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if ckpt.latest(run_dir) is not None:
+            return
+        assert state(jid) not in TERMINAL, f"job {jid} ended ({state(jid)}) before writing a checkpoint"
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint in {run_dir} within {timeout:.0f} s")
+
+
+def runs_of(jid: str) -> list[str]:
+    """Every run of the job in order (`sacct -D` lists each requeued run), polled until the last one is final."""
+    for _ in range(30):
+        rows = _sh("sacct", "-n", "-X", "-D", "-P", "-j", jid, "-o", "State").split("\n")
+        states = [r.split()[0] for r in rows if r.strip()]
+        if states and states[-1] in TERMINAL:
+            return states
+        time.sleep(1)
+    return states
+
+
+def mlflow_runs(store: Path) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps)
+
+
+def preempt_all_cpus(jobs: list[str]) -> str:
+    """A short job on the high-priority partition that needs every CPU: it preempts the jobs on `debug`."""
+    return sbatch(jobs, "-p", "urgent", "--exclusive", "--time=5", "-o", "logs/urgent-%j.out", "--wrap", "sleep 1")
+
+
+def assert_same_networks(a: Path, b: Path) -> None:
+    """The two checkpoints' networks and optimiser states are bit-identical."""
+    sa, sb = ckpt.load(a), ckpt.load(b)
+    assert sa["step"] == sb["step"]
+    for group in ("networks", "optimizers"):
+        assert _differences(sa[group], sb[group], group) == [], f"differs from the uninterrupted run"
+
+
+def _differences(a, b, path: str) -> list[str]:
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _differences(u, v, f"{path}[{i}]")]
+    same = torch.equal(a, b) if torch.is_tensor(a) else a == b
+    return [] if same else [path]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted LONG run (outside Slurm, same thread count); started once, in the background."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", CONFIG, *LONG,
+                             "track.enabled=false", "--out", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def final_checkpoint() -> Path:
+        text, _ = proc.communicate(timeout=WAIT_S)
+        assert proc.returncode == 0, text
+        return ckpt.latest(out)
+
+    yield final_checkpoint
+    if proc.poll() is None:
+        proc.kill()
+
+
+def check_resumed_job(jid: str, run_dir: Path, store: Path, reference_ckpt: Path) -> list[str]:
+    """One requeue (sacct -D), one FINISHED MLflow run tagged with the job id, weights equal to the reference."""
+    runs = runs_of(jid)
+    assert len(runs) >= 2 and runs[0] in ("REQUEUED", "PREEMPTED") and runs[-1] == "COMPLETED", runs
+    client, found = mlflow_runs(store)
+    assert len(found) == 1, [r.info.run_id for r in found]
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gancore.slurm_job_id"] == jid
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "Loss/D")]
+    assert steps == sorted(set(steps)) and steps[-1] == 48, steps  # no step logged twice across the requeue
+    final = ckpt.latest(run_dir)
+    assert final.name == "step_00000048.pt"
+    assert ckpt.load(final)["run_id"] == run.info.run_id
+    assert_same_networks(final, reference_ckpt)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sbatch_tiny_run_finishes_into_mlflow(tmp_path, jobs):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    jid = sbatch(jobs, "--cpus-per-task=1", "--mem=2G", "--time=20", str(ROOT / "slurm" / "train.sh"),
+                 "--config", CONFIG, *SHORT, f"track.uri=sqlite:///{store}")
+    assert wait_done(jid) == "COMPLETED", (tmp_path / f"logs/gancore-{jid}.out").read_text()
+    log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
+    assert f"done: 8 steps; run dir runs/slurm-{jid}" in log
+    assert ckpt.latest(tmp_path / "runs" / f"slurm-{jid}").name == "step_00000008.pt"
+    client, found = mlflow_runs(store)
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gancore.slurm_job_id"] == jid
+    assert {"Loss/D", "Loss/G", "D/real", "D/fake"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "Loss/D")] == list(range(1, 9))
+
+
+def test_submit_cli_slurm_wait_returns_results(tmp_path, jobs):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), "--cluster", "slurm", "--config", CONFIG,
+                        *SHORT, "train.epochs=1", "train.snapshot_epochs=[1]",
+                        "train.loss_ranges=[[1,1]]", f"track.uri=sqlite:///{store}", "--seeds", "0,1", "--cpus", "1",
+                        "--mem", "2G", "--time", "20", "--wait", "--poll", "2"],
+                       capture_output=True, text=True, timeout=WAIT_S, env=_env())
+    submitted = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("submitted ")]
+    jobs.extend(j.split("_")[0] for j in submitted)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(submitted) == 2 and submitted[0].endswith("_0") and submitted[1].endswith("_1")  # one job array
+    assert "log logs/submitit/" in p.stdout
+    done = [ln for ln in p.stdout.splitlines() if ": finished 4/4 steps; MLflow run " in ln]
+    assert len(done) == 2, p.stdout
+    _, found = mlflow_runs(store)
+    assert sorted(r.data.params["train.seed"] for r in found) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in found)
+    array_id = submitted[0].split("_")[0]
+    assert {r.data.tags.get("gancore.slurm_array_job_id") for r in found} == {array_id}
+    assert sorted(r.data.tags.get("gancore.slurm_array_task_id") for r in found) == ["0", "1"]
+    assert all(r.data.tags.get("gancore.slurm_job_id") for r in found)
+
+
+def test_preempted_sbatch_job_requeues_and_resumes_bit_identical(tmp_path, jobs, reference):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    jid = sbatch(jobs, "-p", "debug", "--cpus-per-task=1", "--mem=2G", "--time=20", str(ROOT / "slurm" / "train.sh"),
+                 "--config", CONFIG, *LONG, f"track.uri=sqlite:///{store}", "--out", "victim")
+    wait_for_checkpoint(tmp_path / "victim", jid)
+    urgent = preempt_all_cpus(jobs)
+    assert wait_done(jid) == "COMPLETED"
+    assert wait_done(urgent) == "COMPLETED"
+    log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
+    assert "got SIGUSR1" in log and "stopped at step" in log and "(restart 1)" in log, log
+    check_resumed_job(jid, tmp_path / "victim", store, reference())
+
+
+def test_time_limit_warning_checkpoints_and_requeues(tmp_path, jobs, reference):
+    # Simulated: the signal Slurm sends 120 s before the time limit (--signal=B:USR1@120), sent now.
+    store = tmp_path / "mlruns" / "mlflow.db"
+    jid = sbatch(jobs, "--cpus-per-task=1", "--mem=2G", "--time=20", str(ROOT / "slurm" / "train.sh"),
+                 "--config", CONFIG, *LONG, f"track.uri=sqlite:///{store}")
+    run_dir = tmp_path / "runs" / f"slurm-{jid}"
+    wait_for_checkpoint(run_dir, jid)
+    _sh("scancel", "--batch", "--signal=USR1", jid)
+    assert wait_done(jid) == "COMPLETED"
+    log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
+    assert "got SIGUSR1" in log and "stopped at step" in log and "requeueing job" in log and "(restart 1)" in log, log
+    runs = check_resumed_job(jid, run_dir, store, reference())
+    assert runs == ["REQUEUED", "COMPLETED"]
+
+
+def test_preempted_submitit_job_checkpoints_and_resumes(tmp_path, jobs, reference, monkeypatch):
+    from gancore import launch
+
+    store = tmp_path / "mlruns" / "mlflow.db"
+    res = launch.Resources(cpus=1, mem="2G", time="20", partition="debug")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # sbatch (called by submitit) passes this environment on
+    (sub,) = launch.submit_runs("slurm", CONFIG, launch.expand_runs([*LONG, f"track.uri=sqlite:///{store}"]),
+                                res, out="victim", folder=tmp_path / "submitit")
+    jid = str(sub.job.job_id)
+    jobs.append(jid)
+    wait_for_checkpoint(tmp_path / "victim", jid)
+    preempt_all_cpus(jobs)
+    result = sub.job.result()  # blocks until the requeued job wrote its result
+    assert result.status == "finished" and result.step == 48
+    out = sub.log.read_text()
+    assert "gancore: stopped at step" in out and "Calling checkpoint method" in out, out
+    check_resumed_job(jid, tmp_path / "victim", store, reference())
+    assert result.run_id == mlflow_runs(store)[1][0].info.run_id
+
+
+def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
+    # scancel sends SIGTERM: the trainer may still checkpoint, but nothing may requeue the job (that would undo it)
+    jid = sbatch(jobs, "--cpus-per-task=1", "--mem=2G", "--time=20", str(ROOT / "slurm" / "train.sh"),
+                 "--config", CONFIG, *LONG, "track.enabled=false")
+    wait_for_checkpoint(tmp_path / "runs" / f"slurm-{jid}", jid)
+    _sh("scancel", jid)
+    assert wait_done(jid) == "CANCELLED"
+    time.sleep(15)  # a requeued job would be pending or running again by now
+    assert state(jid) == "CANCELLED" and runs_of(jid) == ["CANCELLED"]
+    assert "requeueing" not in (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
