@@ -46,7 +46,7 @@ DOMAIN: dict[str, DomainSpec] = {
     "lenet_mnist": DomainSpec(LeNet, "mnist", 1, 28, "lenet", epochs=2, lr=3e-3, augment=False),
     "lenet_fashion_mnist": DomainSpec(LeNet, "fashion_mnist", 1, 28, "lenet_fashion", epochs=3, lr=3e-3,
                                       augment=False),
-    "cifar_classifier": DomainSpec(CifarNet, "cifar10", 3, 32, "cifar_cnn", epochs=6, lr=4e-3, augment=True),
+    "cifar_classifier": DomainSpec(CifarNet, "cifar10", 3, 32, "cifar_cnn", epochs=4, lr=4e-3, augment=True),
 }
 # dataset -> its domain extractor (what eval.extractor=auto falls back to)
 FOR_DATASET = {spec.dataset: name for name, spec in DOMAIN.items()}

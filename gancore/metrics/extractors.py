@@ -10,6 +10,7 @@ The domain classifiers are registered with torch-fidelity under their gancore na
 from __future__ import annotations
 
 import hashlib
+import pickle
 import socket
 import sys
 from pathlib import Path
@@ -162,8 +163,14 @@ def load(name: str, cfg: Config, device: torch.device | str) -> tuple[FeatureExt
             path = default_inception_path()
         elif name == INCEPTION:
             try:
+                # torch-fidelity unpickles with weights_only=False; a weights_only=True pass first (mmap: no
+                # second 95 MB read) rejects a file that would run code before it is unpickled unrestricted
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 fe = create_feature_extractor(TF_INCEPTION, ["2048", "logits_unbiased"], cuda=False, verbose=False,
                                               feature_extractor_weights_path=str(path))
+            except pickle.UnpicklingError:
+                raise MetricsError(f"refusing FID Inception weights {path}: not a plain tensor file (unpickling it "
+                                   f"would run code); rebuild them with `{MAKE_INCEPTION} {path}`") from None
             except (RuntimeError, OSError, EOFError, ValueError) as e:
                 raise MetricsError(f"cannot load FID Inception weights {path} ({str(e).splitlines()[0][:120]}); "
                                    f"rebuild them with `{MAKE_INCEPTION} {path}`") from None

@@ -1,0 +1,264 @@
+"""Metrics: Fréchet distance, gancore vs torch-fidelity's own folder path, the real-statistics cache, extractors.
+
+Everything runs on the domain extractor lenet_mnist (trained once per session, 1 epoch, ~20 s on 2 CPU cores);
+the one Inception test uses 20 images and only runs where the FID Inception weights file exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GANCORE_DATA") or ROOT.parent / "shared" / "data")
+needs_mnist = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(),
+                                 reason=f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)")
+
+
+def _inception_file() -> Path:
+    """The FID Inception weights where torch-fidelity looks (before any test changes TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+
+
+INCEPTION = _inception_file()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """lenet_mnist trained once for the session into a private cache (1 epoch: ~99 % test accuracy)."""
+    if not (DATA / "mnist.npz").is_file():
+        pytest.skip(f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)")
+    from gancore.metrics.classifier import train_classifier
+
+    cache = tmp_path_factory.mktemp("gancore_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GANCORE_DATA", str(DATA))
+        mp.setenv("GANCORE_CACHE", str(cache))
+        info = train_classifier("lenet_mnist", epochs=1, progress=False)
+    info["cache"] = cache
+    return info
+
+
+@pytest.fixture
+def env(trained, tmp_path, monkeypatch) -> Path:
+    """A fresh $GANCORE_CACHE holding the session's lenet_mnist (and its decoded MNIST); no Inception weights."""
+    cache = tmp_path / "cache"
+    (cache / "extractors").mkdir(parents=True)
+    shutil.copy(trained["cache"] / "extractors" / "lenet_mnist.pt", cache / "extractors")
+    (cache / "npz").symlink_to(trained["cache"] / "npz")  # decoded MNIST arrays: no 1 s re-decode per test
+    monkeypatch.setenv("GANCORE_DATA", str(DATA))
+    monkeypatch.setenv("GANCORE_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # so eval.extractor=auto means the domain net
+    return cache
+
+
+def _cfg(*overrides: str):
+    from gancore.config import load_config
+
+    return load_config(None, ["eval.batch_size=100", *overrides])
+
+
+def _mnist(split: str) -> torch.Tensor:
+    from gancore.config import DataConfig
+    from gancore.data import load_images
+
+    return load_images(DataConfig(name="mnist", split=split))[0]
+
+
+def _sampler(x: torch.Tensor):
+    """sample_uint8(b) handing out the rows of x in order (a stand-in generator)."""
+    pos = [0]
+
+    def sample(b: int) -> torch.Tensor:
+        out = x[pos[0]: pos[0] + b]
+        pos[0] += b
+        return out
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_form():
+    """Gaussians with commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: FD = |mu1-mu2|^2 + sum (sqrt a - sqrt b)^2."""
+    from gancore.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    d = 16
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a, b = rng.uniform(0.1, 4.0, d), rng.uniform(0.1, 4.0, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_count_tags():
+    from gancore.metrics import count_tag
+
+    assert [count_tag(n) for n in (10_000, 50_000, 500, 1000, 2500)] == ["10k", "50k", "500", "1k", "2500"]
+
+
+@needs_mnist
+def test_fid_real_vs_real_is_zero(env):
+    from gancore.metrics import evaluate
+
+    x = _mnist("train")[:1000]
+    out = evaluate(_cfg(), _sampler(x), torch.device("cpu"), n=1000)
+    assert sorted(out) == ["fid_lenet_1k", "is_lenet_1k", "kid_lenet_1k", "precision_lenet_1k", "recall_lenet_1k"]
+    assert abs(out["fid_lenet_1k"]) < 1e-6
+    assert out["precision_lenet_1k"] == 1.0 and out["recall_lenet_1k"] == 1.0
+    assert 8.0 < out["is_lenet_1k"] <= 10.0  # real digits: confident, balanced over 10 classes
+
+
+@needs_mnist
+def test_matches_torch_fidelity_on_png_folders(env, tmp_path):
+    """gancore in memory == torch-fidelity reading the same images as PNG folders, same extractor (by name)."""
+    import torch_fidelity
+    from PIL import Image
+
+    from gancore.metrics import evaluate
+
+    gen, real = _mnist("test")[:500], _mnist("train")[:500]
+    for name, x in (("gen", gen), ("real", real)):
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(x[:, 0].numpy()):
+            Image.fromarray(img, mode="L").save(tmp_path / name / f"{i:05d}.png")
+
+    ours = evaluate(_cfg(), _sampler(gen), torch.device("cpu"), n=500, extractor="lenet_mnist")
+    ref = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "gen"), input2=str(tmp_path / "real"), feature_extractor="lenet_mnist",
+        fid=True, isc=True, kid=True, prc=True, kid_subset_size=500, cuda=False, cache=False,
+        save_cpu_ram=True, verbose=False)
+    assert ours["fid_lenet_500"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-4)
+    assert ours["fid_lenet_500"] > 1.0  # two different sets: a real distance, not a trivial zero
+    assert ours["is_lenet_500"] == pytest.approx(ref["inception_score_mean"], rel=1e-4)
+    assert ours["kid_lenet_500"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["precision_lenet_500"] == pytest.approx(ref["precision"], abs=1e-9)
+    assert ours["recall_lenet_500"] == pytest.approx(ref["recall"], abs=1e-9)
+
+
+@needs_mnist
+def test_real_statistics_cache(env, tmp_path, monkeypatch):
+    """Second call loads the file; another subset, class or changed data content gives another key."""
+    from gancore.metrics import evaluate, fidelity
+
+    calls = []
+    real_features = fidelity._real_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "_real_features", counting)
+    gen = _mnist("test")[:300]
+    first = evaluate(_cfg(), _sampler(gen), "cpu", n=300)
+    files = sorted((env / "fid_stats").glob("*.npz"))
+    assert len(calls) == 1 and [f.name.split("-")[:4] for f in files] == [["mnist", "train", "lenet_mnist", "300"]]
+    second = evaluate(_cfg(), _sampler(gen), "cpu", n=300)
+    assert len(calls) == 1 and second == first  # a hit: same numbers, nothing recomputed
+
+    fid = ("fid",)  # the cache holds the same statistics for every metric; FID alone keeps the test quick
+    evaluate(_cfg("data.subset=200"), _sampler(gen), "cpu", n=300, metrics=fid)  # 200 real images: other content
+    evaluate(_cfg("data.normal_class=3"), _sampler(gen), "cpu", n=300, metrics=fid)
+    assert len(calls) == 3 and len(list((env / "fid_stats").glob("*.npz"))) == 3
+
+    # same config, same shape, new pixels in the file -> new key (content hash, not config hash)
+    npz = tmp_path / "set.npz"
+    x = _mnist("train")[:300, 0].numpy()
+    np.savez(npz, x=x)
+    cfg = _cfg("data.name=npz", f"data.path={npz}")
+    evaluate(cfg, _sampler(gen), "cpu", n=300, metrics=fid)
+    np.savez(npz, x=255 - x)
+    out = evaluate(cfg, _sampler(gen), "cpu", n=300, metrics=fid)
+    assert len(calls) == 5 and list(out) == ["fid_lenet_300"]
+
+
+@needs_mnist
+def test_missing_inception_weights_is_one_line(env, tmp_path, monkeypatch):
+    from gancore.errors import MetricsError
+    from gancore.metrics import evaluate
+
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(MetricsError) as e:
+        evaluate(_cfg(f"eval.inception_weights={missing}"), _sampler(_mnist("test")), "cpu", n=10,
+                 extractor="inception")
+    msg = str(e.value)
+    assert "\n" not in msg and str(missing) in msg and "make-fid-inception.sh" in msg
+
+    # no explicit file and no default one: torch-fidelity's download is tried; offline it fails in one line
+    import torch_fidelity.feature_extractor_inceptionv3 as fe_inception
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(fe_inception, "load_state_dict_from_url", offline)
+    with pytest.raises(MetricsError) as e:
+        evaluate(_cfg("eval.extractor=inception"), _sampler(_mnist("test")), "cpu", n=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "weights-inception-2015-12-05-6726825d.pth" in msg and "make-fid-inception" in msg
+
+
+@needs_mnist
+def test_sampler_must_return_uint8(env):
+    from gancore.errors import MetricsError
+    from gancore.metrics import evaluate
+
+    with pytest.raises(MetricsError, match="uint8"):
+        evaluate(_cfg(), lambda b: torch.zeros(b, 1, 28, 28), "cpu", n=100)
+
+
+def test_domain_classifier_accuracy(trained):
+    """The session's lenet_mnist (1 epoch) classifies held-out MNIST digits; reloaded with weights_only=True."""
+    from gancore.config import DataConfig
+    from gancore.data import load_images
+    from gancore.metrics.classifier import DOMAIN, accuracy, build
+
+    assert trained["test_accuracy"] >= 0.97  # all 10k test images
+    net = build("lenet_mnist")
+    net.load_state_dict(torch.load(trained["path"], map_location="cpu", weights_only=True))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GANCORE_DATA", str(DATA))
+        mp.setenv("GANCORE_CACHE", str(trained["cache"]))
+        x, y = load_images(DataConfig(name="mnist", split="test"))
+    assert accuracy(net, x[-2000:], y[-2000:], DOMAIN["lenet_mnist"], "cpu") >= 0.97
+
+
+@needs_mnist
+def test_figures(env, tmp_path):
+    from gancore.config import DataConfig
+    from gancore.data import load_images
+    from gancore.metrics import class_accuracy, tsne_plot
+
+    test_x, test_y = load_images(DataConfig(name="mnist", split="test"))
+    png = tsne_plot(_cfg(), _sampler(test_x), "cpu", tmp_path / "tsne.png", n=100)
+    assert png.stat().st_size > 5000
+
+    def perfect(y: torch.Tensor) -> torch.Tensor:  # a "conditional generator" that returns real digits of class y
+        return torch.stack([test_x[(test_y == c).nonzero()[i, 0]] for i, c in enumerate(y.tolist())])
+
+    acc = class_accuracy(perfect, _cfg(), "cpu", n_per_class=20, path=tmp_path / "acc.png")
+    assert len(acc) == 11 and acc["class_acc_lenet_mean"] >= 0.95
+    assert (tmp_path / "acc.png").stat().st_size > 5000
+
+
+@needs_mnist
+@pytest.mark.skipif(not INCEPTION.is_file(), reason=f"FID Inception weights not at {INCEPTION} "
+                    "(PYTHON=.venv/bin/python bash ../shared/weights/make-fid-inception.sh)")
+def test_inception_greyscale_and_is_policy(env):
+    """20 greyscale digits through Inception (repeated to RGB); IS only when the weights carry a classifier."""
+    from gancore.metrics import evaluate
+    from gancore.metrics.extractors import has_classifier, load
+
+    cfg = _cfg("eval.batch_size=10", f"eval.inception_weights={INCEPTION}")
+    out = evaluate(cfg, _sampler(_mnist("test")), "cpu", n=20)  # auto -> inception: its file exists
+    assert "fid_inception_20" in out and np.isfinite(out["fid_inception_20"]) and out["fid_inception_20"] > 0
+    fe, _ = load("inception", cfg, "cpu")
+    assert ("is_inception_20" in out) == has_classifier(fe)
