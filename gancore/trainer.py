@@ -348,10 +348,20 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         out_plots = plots.loss_plots(history, cfg.train.loss_ranges, run_dir / "plots")
         plots.loss_report(history, cfg.train.loss_ranges, run_dir / "loss_report.json")
         figures = family.figures(run_dir / "figures", {"x": x_all, "y": y_all})
+        if cfg.eval.n_samples:  # figures of the metrics layer: t-SNE of features; per-class accuracy (conditional)
+            from gancore.metrics import class_accuracy, tsne_plot
+
+            figures.append(tsne_plot(cfg, sampler_uint8(), accelerator.device, run_dir / "figures" / "tsne.png",
+                                     n=min(500, cfg.eval.n_samples)))
+            if (by_class := family.class_sampler()) is not None:
+                metrics.update(class_accuracy(by_class, cfg, accelerator.device, n_per_class=50,
+                                              path=run_dir / "figures" / "class_accuracy.png"))
+                figures.append(run_dir / "figures" / "class_accuracy.png")
         family_metrics = family.evaluate({"x": x_all, "y": y_all})
         metrics.update(family_metrics)
-        if family_metrics or best:
-            tracker.log_metrics({**family_metrics, **({f"best_{best['key']}": best["value"]} if best else {})}, step)
+        end_metrics = {k: v for k, v in metrics.items() if k not in last_metrics}
+        if end_metrics:
+            tracker.log_metrics(end_metrics, step)
         for p in [*out_plots, run_dir / "loss_report.json", run_dir / "loss_report.md", *figures]:
             tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
         tracker.log_artifact(run_dir / "snapshots", "snapshots")

@@ -57,3 +57,33 @@ def test_resumed_run_keeps_one_run_id_and_no_duplicate_steps(tmp_path):
     assert _steps(client, done.run_id, "Loss/D") == list(range(1, 13))
     assert client.get_run(done.run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_run(done.run_id).info.experiment_id])) == 1
+
+
+def test_metrics_during_training_and_eval_job(tmp_path):
+    """eval.every -> fid_* by step in MLflow, best-FID checkpoint kept; jobs/eval.py logs into the same run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = tiny("track.enabled=true", f"track.uri={_uri(tmp_path)}", "model.conditional=true",
+               "eval.n_samples=200", "eval.every=4", "eval.extractor=lenet_mnist")
+    r = fit(cfg, out=tmp_path / "run")
+    client = MlflowClient(tracking_uri=_uri(tmp_path))
+    assert _steps(client, r.run_id, "fid_lenet_200") == [4, 8]
+    assert _steps(client, r.run_id, "kid_lenet_200") == [4, 8]
+    fids = {m.step: m.value for m in client.get_metric_history(r.run_id, "fid_lenet_200")}
+    assert r.metrics["best_fid_lenet_200"] == pytest.approx(min(fids.values()))
+    assert (r.run_dir / "checkpoints" / "best.pt").is_file()
+    assert 0.0 <= r.metrics["class_acc_lenet_mean"] <= 1.0
+    arts = _artifacts(client, r.run_id)
+    assert "plots/tsne.png" in arts and "plots/class_accuracy.png" in arts
+
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "eval.py"), r.run_id, "-n", "100", "--uri", _uri(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "fid_lenet_100 = " in p.stdout
+    hist = client.get_metric_history(r.run_id, "fid_lenet_100")
+    best_step = int(__import__("torch").load(r.run_dir / "checkpoints/best.pt", weights_only=True)["step"])
+    assert [m.step for m in hist] == [best_step]  # evaluated from the best-FID checkpoint, logged at its step
+    assert client.get_run(r.run_id).info.status == "FINISHED"

@@ -84,6 +84,10 @@ class Family:
         # DDP wraps the network: sampling on the main process alone must not enter DDP's buffer broadcast
         return getattr(net, "module", net)
 
+    def class_sampler(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For class-conditional families: labels (b,) -> b uint8 images of those classes; else None."""
+        return None
+
     # -- reporting -------------------------------------------------------------------------------------------
     def figures(self, out_dir: Path, data: "object") -> list[Path]:
         """Family-specific figures written at the end of a run (VAE: latent scatter, GANomaly: ROC, ...)."""

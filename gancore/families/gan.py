@@ -55,6 +55,12 @@ class GAN(Family):
         y = torch.arange(n) % self.num_classes  # grid rows cycle through the classes
         return {"z": z, "y": y}
 
+    def class_sampler(self):
+        if not self.conditional:
+            return None
+        g = torch.Generator().manual_seed(4321)
+        return lambda y: self.to_uint8(self.sample(len(y), inputs={"z": torch.randn(len(y), self.nz, generator=g), "y": y}))
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
         inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
