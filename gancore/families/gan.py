@@ -27,6 +27,7 @@ class GAN(Family):
         self.noise = InstanceNoise(cfg.loss.instance_noise)
         self.nz = cfg.model.nz
         self.conditional = cfg.model.conditional
+        self._fake: tuple | None = None  # (G(z), labels) of the last D step, consumed by the G phase
         self.phases = [
             Phase("D", "D", self.d_loss, repeats=cfg.optim.d_iters),  # a fresh real batch per D step
             Phase("G", "G", self.g_loss, fresh_batch=False),
@@ -40,15 +41,17 @@ class GAN(Family):
         G, D = self.networks["G"], self.networks["D"]
         y = self._labels(batch)
         z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
-        with torch.no_grad():
-            fake = G(z, y)
-        return self.loss.d_loss(D, self.noise(batch.x), self.noise(fake), y)
+        # G's forward keeps its graph: the G phase reuses the last D step's fakes (as the DCGAN reference loop
+        # does: one G forward per step; G's weights do not change during the D phase, so the graph stays valid)
+        fake = G(z, y)
+        self._fake = (fake, y)
+        return self.loss.d_loss(D, self.noise(batch.x), self.noise(fake.detach()), y)
 
     def g_loss(self, batch: Batch):
         G, D = self.networks["G"], self.networks["D"]
-        y = self._labels(batch)
-        z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
-        return self.loss.g_loss(D, self.noise(G(z, y)), y)
+        fake, y = self._fake
+        self._fake = None  # release the graph after use
+        return self.loss.g_loss(D, self.noise(fake), y)
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         z = torch.randn(n, self.nz, generator=generator)
