@@ -112,6 +112,7 @@ class EvalConfig:
     batch_size: int = infra(250)  # images per extractor forward pass
     inception_weights: str | None = infra(None)  # FID Inception weights file; None -> $TORCH_HOME/hub/checkpoints/
     real_split: str = infra("data")  # real images for the statistics: data (= data.split) | train | test
+    metrics: tuple[str, ...] = infra(("fid", "is", "kid", "pr"))  # which to compute (a sweep needs only fid)
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,12 @@ def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> 
 
 
 def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
-        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        tags: dict[str, str] | None = None) -> RunResult:
     """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir.
 
-    `on_eval(step, metrics)` is called after every sample-quality evaluation (sweeps report and prune there).
+    `on_eval(step, metrics)` is called after every sample-quality evaluation (sweeps report and prune there);
+    `tags` go onto the MLflow run from its start (a sweep's parent run id, the trial number).
     """
     # ------------------------------------------------------------------------------------------------------------
     # Setup: devices, seeds, data, the family and its optimisers
@@ -197,7 +199,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         save_yaml(cfg, run_dir / "config.yaml")
         run_id = tracker.start(cfg, run_dir, run_id, tags={
             "gancore.world_size": str(accelerator.num_processes),
-            "gancore.device": str(accelerator.device), "gancore.host": socket.gethostname()})
+            "gancore.device": str(accelerator.device), "gancore.host": socket.gethostname(), **(tags or {})})
         if step == 0:  # the report's export of real images, beside the generated grids
             plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
             tracker.log_artifact(run_dir / "real_samples.png")
@@ -240,7 +242,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
         from gancore.metrics import evaluate
 
-        values = evaluate(cfg, sampler_uint8(), accelerator.device) if is_main else {}
+        values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
         fid = sorted(k for k in values if k.startswith("fid_"))
         if fid and values[fid[0]] < best.get("value", float("inf")):
             best.update(key=fid[0], value=values[fid[0]], step=step)
@@ -345,6 +347,10 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     if best:
         metrics[f"best_{best['key']}"] = best["value"]
     if is_main and status == "finished":
+        if epoch_stats.counts:  # a run that ends mid-epoch (or is shorter than one): its last, partial epoch
+            history.setdefault("epoch", []).append((step - 1) // steps_per_epoch + 1)
+            for k, v in epoch_stats.read(reduce).items():
+                history.setdefault(k, []).append(v)
         out_plots = plots.loss_plots(history, cfg.train.loss_ranges, run_dir / "plots")
         plots.loss_report(history, cfg.train.loss_ranges, run_dir / "loss_report.json")
         figures = family.figures(run_dir / "figures", {"x": x_all, "y": y_all})
@@ -363,7 +369,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         if end_metrics:
             tracker.log_metrics(end_metrics, step)
         for p in [*out_plots, run_dir / "loss_report.json", run_dir / "loss_report.md", *figures]:
-            tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
+            if p.is_file():
+                tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
         tracker.log_artifact(run_dir / "snapshots", "snapshots")
         if cfg.track.log_checkpoints != "none" and last_ckpt is not None:
             tracker.log_artifact(last_ckpt, "checkpoints")

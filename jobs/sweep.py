@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Run an Optuna sweep: `python jobs/sweep.py sweeps/mnist_dcgan.yaml [--workers N] [--launcher local|slurm]
+[--storage URL] [--n-trials N]`.
+
+The same study name on the same storage continues the study (n_trials is the study's total). Storage: SQLite under
+the sweep dir by default; `journal:PATH` or postgresql://... for Slurm workers on several nodes. Exit codes: 0 done,
+2 bad input / unusable storage, 75 stopped by a signal (run the same command again to continue).
+`--worker` runs one worker in this process (slurm/sweep.sh array tasks); `--prepare` only creates the study and the
+parent MLflow run; `--report` only prints the table and writes best.yaml and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _cli import quiet_third_party, run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", help="sweep file (sweeps/*.yaml)")
+    ap.add_argument("--workers", type=int, help="parallel workers (default: the sweep file's `workers`, else 2)")
+    ap.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                    help="local: worker processes on this machine; slurm: a Slurm job array through submitit")
+    ap.add_argument("--storage", help="Optuna storage URL (sqlite:///F.db, journal:F.log, postgresql://...)")
+    ap.add_argument("--n-trials", type=int, help="total trials of the study (overrides budget.n_trials)")
+    ap.add_argument("--timeout-s", type=float, help="stop starting trials after this many seconds (per run)")
+    ap.add_argument("--out", help="root of sweep dirs (default: the sweep file's `out`, else runs/sweeps)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--worker", action="store_true", help="be one worker of an already prepared sweep")
+    mode.add_argument("--prepare", action="store_true", help="create/check the study and parent run, then exit")
+    mode.add_argument("--report", action="store_true", help="only report (table, best.yaml, figures)")
+    args = ap.parse_args()
+    quiet_third_party()
+
+    from gancore.sweep import SweepError, WorkerContext, load_sweep, run_sweep, worker
+
+    if args.workers is not None and args.workers < 1:
+        raise SweepError("--workers must be at least 1")
+    sweep = load_sweep(args.sweep, storage=args.storage, n_trials=args.n_trials, timeout_s=args.timeout_s,
+                       out=args.out)
+    if args.worker:
+        import os
+
+        from gancore.sweep import PARENT_ATTR, open_storage, open_study
+
+        if os.environ.get("SLURM_JOB_ID") and sweep.storage_url.startswith("sqlite"):
+            raise SweepError("Slurm workers need --storage postgresql://... or journal:/shared/path (SQLite's file "
+                             "locking is unreliable on network file systems)")
+
+        study = open_study(sweep, open_storage(sweep.storage_url))
+        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        return worker(WorkerContext(sweep, study.user_attrs.get(PARENT_ATTR), task,
+                                    stream=len(study.get_trials(deepcopy=False)) * 1009 + task))
+    return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,
+                     prepare_only=args.prepare)
+
+
+if __name__ == "__main__":
+    run(main)

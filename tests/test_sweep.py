@@ -1,0 +1,307 @@
+"""Optuna sweeps (issue #7): the sweep file, parallel workers on sqlite / journal / PostgreSQL storage and as a Slurm
+job array, MLflow parent and child runs, kill + resume without lost or duplicated trials, pruning, diverged trials,
+unreachable storage."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from gancore import sweep as sw
+from gancore.config import load_config
+from gancore.launch import slurm_problem
+from gancore.sweep import SweepError, load_sweep
+from conftest import ROOT, needs_mnist
+
+OBJ = "fid_lenet_200"
+SPACE = {
+    "lr": {"keys": ["optim.lr_g", "optim.lr_d"], "type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True},
+    "model.nz": {"type": "categorical", "choices": [16, 32]},
+    "optim.d_iters": {"type": "int", "low": 1, "high": 2},
+}
+
+
+def sweep_file(tmp_path: Path, study: str = "tiny", n_trials: int = 4, steps: int = 4, tracked: bool = True,
+               space: dict | None = None, **top) -> Path:
+    """A few-step MNIST sweep: `steps` batches of 32 images (at least one epoch whatever d_iters), `steps` steps,
+    domain FID on 200 samples every 2 steps."""
+    overrides = {
+        "data.subset": 32 * steps, "optim.batch_size": 32, "model.ngf": 16, "model.ndf": 16, "train.max_steps": steps,
+        "train.log_every": 2, "train.checkpoint_every": 2, "train.snapshot_epochs": [1],
+        "train.loss_ranges": [[1, 1]], "train.grid_size": 16, "track.image_every": steps, "track.enabled": tracked,
+        "track.uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "track.experiment": "sweeps",
+        "eval.every": 2, "eval.n_samples": 200, "eval.extractor": "lenet_mnist",
+    }
+    d = {"study": study, "base": str(ROOT / "configs" / "quickstart.yaml"), "overrides": overrides, "objective": OBJ,
+         "space": space or SPACE, "budget": {"n_trials": n_trials}, "sampler": {"name": "tpe", "seed": 0},
+         "pruner": {"name": "none"}, "out": str(tmp_path / "sweeps"), **top}
+    path = tmp_path / f"{study}.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def cli(*args: str, cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 400) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def trials(sweep) -> list:
+    return optuna.load_study(study_name=sweep.study, storage=sw.open_storage(sweep.storage_url)).get_trials()
+
+
+def child_runs(client: MlflowClient, parent: str) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep file
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budjet": {"n_trials": 2}}, "unknown key 'budjet'; did you mean 'budget'?"),
+    ({"budget": {"n_trial": 2}}, "budget: unknown key 'n_trial'; did you mean 'n_trials'?"),
+    ({"space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}, "'optim.lr' is not a config key"),
+    ({"space": {"train.log_every": {"type": "int", "low": 1, "high": 4}}}, "'train.log_every' is infrastructure"),
+    ({"space": {"model.nz": {"type": "categorical", "choices": [16], "lo": 1}}}, "space.model.nz: unknown key 'lo'"),
+    ({"space": {"loss.name": {"type": "categorical", "choices": ["hinge", "hnge"]}}}, "unknown loss 'hnge'"),
+    ({"space": {"optim.d_iters": {"type": "float", "low": 1, "high": 2.5}}}, "value 2.5 does not fit optim.d_iters"),
+    ({"objective": "is_lenet_200"}, "expected an fid_* metric"),
+    ({"pruner": {"name": "median"}, "overrides": {"eval.n_samples": 200}}, "pruner median needs intermediate FIDs"),
+    ({"sampler": {"name": "grid"}}, "sampler.name: 'grid' is not one of tpe, random"),
+    ({"budget": {}}, "give n_trials and/or timeout_s"),
+])
+def test_sweep_file_is_validated_strictly(tmp_path, change, message):
+    d = yaml.safe_load(sweep_file(tmp_path).read_text())
+    d.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(SweepError) as e:
+        load_sweep(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trial_config_applies_a_tied_parameter_to_every_key(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path))
+    cfg = sw.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}, 7)
+    assert (cfg.optim.lr_g, cfg.optim.lr_d, cfg.model.nz, cfg.optim.d_iters) == (3e-4, 3e-4, 32, 2)
+    assert cfg.name == "tiny-trial0007" and cfg.train.max_steps == 4 and not cfg.train.progress
+    assert sw.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}).name == "tiny-best"
+    assert sweep.storage_url == f"sqlite:///{tmp_path / 'sweeps' / 'tiny' / 'optuna.db'}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pruning
+
+
+def test_median_pruner_prunes_a_worse_report_at_the_same_step(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, pruner={"name": "median", "n_startup_trials": 1}))
+    study = optuna.create_study(direction="minimize", pruner=sw._pruner(sweep))
+    obj = sw.Objective(sweep, parent_id=None)
+
+    def hook(trial):  # what the trainer calls after each evaluation
+        return obj.on_eval(trial, sw.ChildRun(sweep, None, trial, tmp_path, {}))
+
+    t0 = study.ask()
+    hook(t0)(2, {OBJ: 100.0, "is_lenet_200": 1.0})
+    hook(t0)(4, {OBJ: 90.0})
+    study.tell(t0, 90.0)
+    hook(study.ask())(2, {OBJ: 99.0})  # better than trial 0 at step 2: goes on
+    with pytest.raises(optuna.TrialPruned, match="fid_lenet_200 150 at step 2"):
+        hook(study.ask())(2, {OBJ: 150.0})  # worse at the same step: pruned
+    hook(study.ask())(4, {OBJ: 500.0})  # the last evaluation (train.max_steps) completes the trial instead
+    with pytest.raises(SweepError, match="objective fid_lenet_200 is not among the reported metrics"):
+        hook(study.ask())(2, {"fid_lenet_500": 1.0})
+
+
+class PruneTrial(optuna.pruners.BasePruner):
+    def __init__(self, number: int):
+        self.number = number
+
+    def prune(self, study, trial) -> bool:
+        return trial.number == self.number
+
+
+@needs_mnist
+def test_diverged_trial_fails_pruned_trial_stops_early_and_the_study_goes_on(tmp_path, monkeypatch):
+    space = {**SPACE, "lr": {**SPACE["lr"], "high": 1.0e31}}
+    sweep = load_sweep(sweep_file(tmp_path, study="wiring", n_trials=3, space=space))
+    study, parent = sw.prepare(sweep)
+    study.enqueue_trial({"lr": 1e30, "model.nz": 16, "optim.d_iters": 1})  # Adam at lr 1e30: NaN at step 1
+    study.enqueue_trial({"lr": 2e-4, "model.nz": 16, "optim.d_iters": 1})  # pruned at its first evaluation
+    study.enqueue_trial({"lr": 3e-4, "model.nz": 32, "optim.d_iters": 1})
+    monkeypatch.setattr(sw, "_pruner", lambda s: PruneTrial(1))
+    assert sw.worker(sw.WorkerContext(sweep, parent, index=0, stream=0)) == 0
+
+    t = trials(sweep)
+    assert [x.state.name for x in t] == ["FAIL", "PRUNED", "COMPLETE"]  # budget 3 used: the worker stopped
+    assert "non-finite" in t[0].user_attrs["gancore.failure"]
+    assert list(t[1].intermediate_values) == [2]  # stopped at step 2 of 4
+    assert not (sweep.dir / "trial_0001" / "checkpoints" / "step_00000004.pt").exists()
+    assert list(t[2].intermediate_values) == [2, 4] and t[2].value == t[2].intermediate_values[4]
+
+    client = MlflowClient(sweep.base.track.uri)
+    runs = {r.data.tags["optuna.trial"]: r for r in child_runs(client, parent)}
+    assert {k: (r.data.tags["optuna.state"], r.info.status) for k, r in runs.items()} == {
+        "0": ("FAIL", "FAILED"), "1": ("PRUNED", "KILLED"), "2": ("COMPLETE", "FINISHED")}
+    assert runs["2"].data.metrics[OBJ] == t[2].value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real sweep: 2 workers, extended, killed, resumed
+
+
+@needs_mnist
+def test_sweep_runs_in_parallel_survives_a_kill_and_resumes_without_lost_or_duplicated_trials(tmp_path):
+    path = sweep_file(tmp_path, n_trials=4)
+    sweep = load_sweep(path)
+    out = finish(cli(str(path), "--workers", "2", "--n-trials", "2", cwd=tmp_path))
+    assert "best trial" in out
+    first = trials(sweep)
+    assert [x.state.name for x in first] == ["COMPLETE", "COMPLETE"]
+    assert len({x.user_attrs["gancore.worker"] for x in first}) == 2  # two worker processes
+
+    # extend the budget to 4, then kill everything (SIGKILL, as a crash) once a new trial has a checkpoint
+    p = cli(str(path), "--workers", "2", cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            running = [x for x in trials(sweep) if x.state.name == "RUNNING" and "gancore.run_dir" in x.user_attrs
+                       and (Path(x.user_attrs["gancore.run_dir"]) / "checkpoints" / "step_00000002.pt").exists()]
+            if running:
+                break
+            assert p.poll() is None, p.communicate()[0][-3000:]
+            time.sleep(0.5)
+        assert running, "no trial reached its first checkpoint"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+    killed = {x.number for x in trials(sweep) if x.state.name == "RUNNING"}
+    assert killed and min(killed) >= 2
+
+    out = finish(cli(str(path), "--workers", "2", cwd=tmp_path))
+    assert "re-queued interrupted trial(s)" in out
+    t = trials(sweep)
+    complete = [x for x in t if x.state.name == "COMPLETE"]
+    assert len(complete) == 4 and {x.state.name for x in t} == {"COMPLETE", "FAIL"}
+    for f in (x for x in t if x.state.name == "FAIL"):  # each killed trial failed once and was re-run once
+        assert f.number in killed and "died" in f.user_attrs["gancore.interrupted"]
+        retries = [x for x in t if x.system_attrs.get("retry_history", [None])[-1] == f.number]
+        assert len(retries) == 1 and retries[0].state.name == "COMPLETE" and retries[0].params == f.params
+    assert len({tuple(sorted(x.params.items())) for x in complete}) == 4  # no duplicated trial
+
+    # MLflow: one parent (reused by all three runs of the sweep); one finished child per completed trial
+    study = optuna.load_study(study_name=sweep.study, storage=sweep.storage_url)
+    parent = study.user_attrs[sw.PARENT_ATTR]
+    client = MlflowClient(sweep.base.track.uri)
+    exp = client.get_run(parent).info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([exp], "tags.`gancore.sweep` = 'parent'")] == [parent]
+    children = child_runs(client, parent)
+    done = {r.data.tags["optuna.trial"]: r for r in children if r.data.tags.get("optuna.state") == "COMPLETE"}
+    assert sorted(map(int, done)) == [x.number for x in complete]
+    for x in complete:
+        run = done[str(x.number)]
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.study"] == sweep.study
+        assert run.data.params["optuna.lr"] == str(x.params["lr"])
+        assert float(run.data.params["optim.lr_g"]) == float(run.data.params["optim.lr_d"]) == x.params["lr"]
+        assert int(run.data.params["model.nz"]) == x.params["model.nz"]
+        assert int(run.data.params["optim.d_iters"]) == x.params["optim.d_iters"]
+        assert run.data.metrics[OBJ] == pytest.approx(x.value, rel=1e-12)
+    resumed = [r for r in done.values() if int(r.data.tags.get("gancore.resume_count", "0")) > 0]
+    assert resumed, "a re-run trial should continue the killed trial's checkpoint and MLflow run"
+    assert all(r.data.tags.get("optuna.state") in ("COMPLETE", "INTERRUPTED") for r in children)
+
+    # the report: best value/params and Optuna's figures on the parent; best.yaml retrains the best trial
+    best = min(complete, key=lambda x: x.value)
+    prun = client.get_run(parent)
+    assert prun.info.status == "FINISHED" and prun.data.tags["best.trial"] == str(best.number)
+    assert prun.data.metrics[f"best_{OBJ}"] == pytest.approx(best.value)
+    arts = {a.path for a in client.list_artifacts(parent, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png",
+            "optuna/parallel_coordinate.png"} <= arts
+    cfg = load_config(sweep.dir / "best.yaml")
+    assert (cfg.optim.lr_g, cfg.model.nz, cfg.optim.d_iters) == (
+        best.params["lr"], best.params["model.nz"], best.params["optim.d_iters"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Other storages
+
+
+def _two_workers_on(tmp_path, storage: str, study: str) -> list:
+    sweep = load_sweep(sweep_file(tmp_path, study=study, n_trials=2, steps=2, tracked=False), storage=storage)
+    assert sw.run_sweep(sweep, workers=2) == 0
+    t = trials(sweep)
+    assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
+    assert len({x.user_attrs["gancore.worker"] for x in t}) == 2  # one trial per worker process
+    return t
+
+
+@needs_mnist
+def test_journal_storage_with_two_workers(tmp_path):
+    _two_workers_on(tmp_path, f"journal:{tmp_path / 'study.log'}", "journal")
+    assert (tmp_path / "study.log").stat().st_size > 0
+
+
+PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
+
+
+@needs_mnist
+@pytest.mark.skipif(not PG_URL, reason="GANCORE_TEST_PG_URL not set (.ci/run starts PostgreSQL and sets it)")
+def test_postgresql_storage_with_two_workers_and_heartbeats(tmp_path):
+    study = f"pg-{uuid.uuid4().hex[:8]}"
+    try:
+        _two_workers_on(tmp_path, PG_URL, study)
+        sweep = load_sweep(sweep_file(tmp_path, study=study, n_trials=2, tracked=False), storage=PG_URL)
+        storage = sw.open_storage(PG_URL, sweep)
+        assert storage.get_heartbeat_interval() == sweep.heartbeat_interval
+    finally:
+        optuna.delete_study(study_name=study, storage=PG_URL)
+
+
+def test_unreachable_storage_is_one_line_and_exit_2_within_seconds(tmp_path):
+    t0 = time.monotonic()
+    p = cli(str(sweep_file(tmp_path)), "--storage", "postgresql://gancore:secret@127.0.0.1:1/x", cwd=tmp_path)
+    out, _ = p.communicate(timeout=60)
+    lines = [x for x in out.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1, out
+    assert lines[0].startswith("error: cannot open study storage postgresql://gancore:***@127.0.0.1:1/x")
+    assert "refused" in lines[0] and "secret" not in out
+    assert time.monotonic() - t0 < 30
+
+
+# .ci/run starts Slurm and sets GANCORE_REQUIRE_SLURM=1: then a missing Slurm fails instead of skipping
+NO_SLURM = None if os.environ.get("GANCORE_REQUIRE_SLURM") == "1" else slurm_problem()
+
+
+@needs_mnist
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=f"no Slurm: {NO_SLURM}; start one with ../shared/slurm/slurm-up.sh")
+def test_slurm_job_array_of_workers_on_journal_storage(tmp_path):
+    slurm = {"cpus": 1, "mem": "2G", "time": "0:15:00"}
+    path = sweep_file(tmp_path, study="slurm", n_trials=2, steps=2, slurm=slurm)
+    with pytest.raises(SweepError, match="not SQLite"):
+        sw.run_sweep(load_sweep(path), workers=2, launcher="slurm")
+    sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
+    assert sw.run_sweep(sweep, workers=2, launcher="slurm") == 0
+    t = trials(sweep)
+    assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(sweep.base.track.uri)
+    study = optuna.load_study(study_name="slurm", storage=sw.open_storage(sweep.storage_url))
+    runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
+    assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks
