@@ -32,7 +32,7 @@ from gancore.errors import CheckpointError, NonFiniteLossError
 from gancore.families.base import Family
 from gancore.registry import FAMILIES
 from gancore.stats import StatsAccumulator, non_finite
-from gancore.tracking import make_tracker
+from gancore.tracking import check_reachable, make_tracker, resolve_uri
 
 
 @dataclass
@@ -140,6 +140,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     # Setup: devices, seeds, data, the family and its optimisers
     accelerator = _accelerator(cfg)
     is_main = accelerator.is_main_process
+    if is_main and cfg.track.enabled:  # an unreachable tracking server fails before anything is loaded or written
+        check_reachable(resolve_uri(cfg.track.uri))
     set_seed(cfg.train.seed + accelerator.process_index)  # distinct noise per process, same data order
     x_all, y_all = load_images(cfg.data)
     image_shape = tuple(x_all.shape[1:])

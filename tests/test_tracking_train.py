@@ -87,3 +87,16 @@ def test_metrics_during_training_and_eval_job(tmp_path):
     best_step = int(__import__("torch").load(r.run_dir / "checkpoints/best.pt", weights_only=True)["step"])
     assert [m.step for m in hist] == [best_step]  # evaluated from the best-FID checkpoint, logged at its step
     assert client.get_run(r.run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_before_writing_anything(tmp_path):
+    import socket
+
+    from gancore.errors import TrackingError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingError, match=f"cannot reach MLflow tracking server at http://127.0.0.1:{port}"):
+        fit(tiny("track.enabled=true", f"track.uri=http://127.0.0.1:{port}"), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
