@@ -324,19 +324,27 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
-    """A preset as a dict, with its `base:` chain merged in (base first)."""
+def read_mapping(path: str | Path, error: type[Exception] = ConfigError, kind: str = "config file",
+                 home: str = "presets live in configs/", expected: str = "a mapping of config sections") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (safe_load); each problem is one `error` line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/")
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: circular 'base:' chain")
+        raise error(f"{kind} {str(path)!r} not found; {home}")
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections")
+        raise error(f"{path}: expected {expected}")
+    return d
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A preset as a dict, with its `base:` chain merged in (base first)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    d = read_mapping(path)
     base = d.pop("base", None)
     own_name = d.get("name", path.stem)  # a preset is named after its own file, not its base's
     if base:

@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gancore.config import Config, all_keys, flat, load_config, replace, save_yaml
+from gancore.config import Config, all_keys, flat, load_config, read_mapping, replace, save_yaml
 from gancore.errors import ConfigError, GancoreError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -241,14 +239,8 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
                timeout_s: float | None = None, out: str | Path | None = None) -> Sweep:
     """Read and strictly validate a sweep file; keyword arguments override the file (CLI flags)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} not found; sweeps live in sweeps/")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise SweepError(f"{path}: expected a mapping (study, base, objective, space, budget, ...)")
+    d = read_mapping(path, SweepError, "sweep file", "sweeps live in sweeps/",
+                     "a mapping (study, base, objective, space, budget, ...)")
     for k in d:
         if k not in _TOP:
             raise _unknown_key(str(path), k, _TOP)
