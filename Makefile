@@ -38,13 +38,14 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 clean-runs:  ## delete local runs and the MLflow store (asks first)
 	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true
 
-# `make sweep`: the Optuna study of sweeps/mnist_dcgan.yaml on $(WORKERS) local worker processes (sized for a GPU);
+# `make sweep`: the Optuna study of sweeps/mnist_dcgan.yaml on local worker processes (sized for a GPU; the sweep
+# file's `workers: auto` = the measured best trials per GPU, bench/trials_per_device.py; WORKERS=n overrides);
 # `make sweep SMOKE=1`: the same search on a tiny budget, minutes on a 2-core CPU. Run again: the study continues.
 SWEEP ?= sweeps/mnist_dcgan.yaml
-WORKERS ?= 2
+WORKERS ?=
 SMOKE ?=
 SWEEP_ARGS ?=
 .PHONY: sweep
 
 sweep: $(STAMP)  ## Optuna sweep (SWEEP=file WORKERS=n SMOKE=1 SWEEP_ARGS="--storage URL --n-trials N")
-	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) --workers $(WORKERS) $(SWEEP_ARGS)
+	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)

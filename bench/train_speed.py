@@ -1,17 +1,24 @@
 #!/usr/bin/env python
-"""Training speed of the MNIST DCGAN: the reports' loop vs gancore eager vs gancore compiled, in one process.
+"""Training speed of the MNIST DCGAN: the reports' loop vs gancore eager vs gancore's fast path, in one process.
 
-    python bench/train_speed.py [--steps 200] [--batch 64 256] [--modes eager compile]
+    python bench/train_speed.py [--steps 200] [--batch 64 256] [--modes eager cudagraph] [--profile] [--json F]
 
-The baseline is the loop the reference reports use, written here as they write it (clearly labelled): a
-torchvision-style Dataset with ToTensor/Normalize transforms, a shuffling DataLoader, fp32, `.item()` on both
+BASELINE: the loop the reference reports use, written here as they write it (clearly labelled, not gancore code):
+a torchvision-style Dataset with ToTensor/Normalize transforms, a shuffling DataLoader, fp32, `.item()` on both
 losses every step. Same networks, loss, instance noise and Adam settings as configs/mnist_dcgan.yaml.
-Prints ms/step, images/s and each variant's speed-up over the baseline.
+
+gancore variants run the real trainer (`gancore.trainer.fit`, tracking off) with `train.compile=MODE`
+(eager = none, compile, cudagraph, compile_cudagraph; `MODE+bf16` adds train.mixed_precision=bf16, `MODE+cl`
+train.channels_last=true). A variant's ms/step is differential: (loop time of a run of W + steps steps - loop time
+of a run of W steps) / steps, so set-up, compilation, the warm-up steps and the graph capture cancel out.
+`--profile` adds, per variant, the GPU kernel time per step from torch.profiler: kernel ms/step close to the wall
+ms/step means compute-bound, far below it means the GPU waits for the CPU to launch kernels (launch-bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -19,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+WARM = 20  # steps of the shorter run (covers 3 warm-up steps + the capture)
 
 
 def reports_loop(x_uint8, batch: int, steps: int, device) -> float:
@@ -81,24 +90,55 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def gancore_loop(batch: int, steps: int, mode: str, tmp: Path) -> float:
+def _overrides(variant: str, batch: int) -> list[str]:
+    mode, *extras = variant.split("+")
+    over = [f"optim.batch_size={batch}", "train.progress=false", "track.enabled=false",
+            f"train.compile={'none' if mode == 'eager' else mode}", "train.log_every=100",
+            f"track.image_every={10**9}", "train.checkpoint_every=1000000", "train.snapshot_epochs=[]"]
+    for e in extras:
+        over += {"bf16": ["train.mixed_precision=bf16"], "cl": ["train.channels_last=true"]}[e]
+    return over
+
+
+def gancore_run(variant: str, batch: int, n: int, out: Path) -> float:
+    """Loop seconds of one run of the real trainer for n steps."""
     from gancore.config import load_config
     from gancore.trainer import fit
 
-    over = [f"optim.batch_size={batch}", "train.progress=false", "track.enabled=false", f"train.compile={mode}",
-            "train.log_every=100", f"track.image_every={10**9}", "train.checkpoint_every=100000", "train.snapshot_epochs=[]"]
-    cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*over, "train.max_steps=10"])
-    fit(cfg, out=tmp / f"warm-{mode}-{batch}")  # warm-up (and compilation) outside the timed run
-    cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*over, f"train.max_steps={steps}"])
-    r = fit(cfg, out=tmp / f"{mode}-{batch}")
-    return 1000 * r.loop_seconds / r.steps_run
+    cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*_overrides(variant, batch), f"train.max_steps={n}"])
+    return fit(cfg, out=out).loop_seconds
+
+
+def gancore_loop(variant: str, batch: int, steps: int, tmp: Path) -> float:
+    """ms/step of the real trainer: the difference of a WARM-step and a WARM+steps-step run, per step."""
+    gancore_run(variant, batch, WARM, tmp / f"{variant}-{batch}-first")  # first compilation (cached for the rest)
+    short = gancore_run(variant, batch, WARM, tmp / f"{variant}-{batch}-short")
+    long = gancore_run(variant, batch, WARM + steps, tmp / f"{variant}-{batch}-long")
+    return 1000 * (long - short) / steps
+
+
+def kernel_ms(call) -> float | None:
+    """GPU kernel time of `call()` in ms (torch.profiler), or None without a GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, nargs="+", default=[64])
-    ap.add_argument("--modes", nargs="+", default=["eager"], help="gancore variants: eager, compile")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per variant")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--modes", nargs="+", default=["eager", "cudagraph"],
+                    help="gancore variants: eager, compile, cudagraph, compile_cudagraph; suffix +bf16 / +cl")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the reports' loop")
+    ap.add_argument("--profile", action="store_true", help="also GPU kernel ms/step (launch- vs compute-bound)")
+    ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args()
 
     import torch
@@ -109,15 +149,46 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, _ = load_images(DataConfig(name="mnist"))
     tmp = Path(tempfile.mkdtemp(prefix="gancore-speed-"))
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {args.steps} timed steps")
-    print(f"{'variant':28s} {'batch':>5s} {'ms/step':>9s} {'images/s':>9s} {'speed-up':>9s}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps, {time.strftime('%Y-%m-%d')}")
+    head = f"{'variant':30s} {'batch':>5s} {'ms/step':>9s} {'images/s':>9s} {'speed-up':>9s}"
+    print(head + (f" {'kernel ms/step':>15s} {'GPU busy':>9s}" if args.profile else ""))
+    rows = []
+
+    def show(label: str, b: int, ms: float, base: float | None, kernel=None) -> None:
+        """One table row; `kernel()` -> GPU kernel ms per step (--profile)."""
+        row = {"variant": label, "batch": b, "ms_per_step": ms, "images_per_s": 1000 * b / ms,
+               "speedup": (base / ms) if base else None}
+        line = f"{label:30s} {b:5d} {ms:9.2f} {1000 * b / ms:9.0f} " + (f"{base / ms:8.2f}x" if base else f"{'-':>9s}")
+        if args.profile and kernel is not None:
+            k = kernel()
+            row["kernel_ms_per_step"] = k
+            line += f" {k:15.2f} {100 * k / ms:8.0f}%" if k is not None else f" {'n/a (cpu)':>15s}"
+        rows.append(row)
+        print(line, flush=True)
+
+    def gancore_kernel(v: str, b: int):
+        def per_step():
+            short = kernel_ms(lambda: gancore_run(v, b, WARM, tmp / f"{v}-{b}-prof-short"))
+            long = kernel_ms(lambda: gancore_run(v, b, WARM + args.steps, tmp / f"{v}-{b}-prof-long"))
+            return None if short is None else (long - short) / args.steps
+        return per_step
+
     for b in args.batch:
-        base = reports_loop(x, b, args.steps, device)
-        print(f"{'reports loop (baseline)':28s} {b:5d} {base:9.2f} {1000 * b / base:9.0f} {1.0:8.2f}x", flush=True)
-        for mode in args.modes:
-            ms = gancore_loop(b, args.steps, "none" if mode == "eager" else mode, tmp)
-            print(f"{'gancore ' + mode:28s} {b:5d} {ms:9.2f} {1000 * b / ms:9.0f} {base / ms:8.2f}x", flush=True)
+        base = None
+        if not args.no_baseline:
+            base = reports_loop(x, b, args.steps, device)
+            show("reports loop (BASELINE)", b, base, base, lambda: _none_or(
+                kernel_ms(lambda: reports_loop(x, b, args.steps, device)), lambda k: k / (args.steps + 5)))
+        for v in args.modes:
+            show(f"gancore {v}", b, gancore_loop(v, b, args.steps, tmp), base, gancore_kernel(v, b))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "steps": args.steps,
+                                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+
+
+def _none_or(v, f):
+    return None if v is None else f(v)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,10 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
     ema_decay: float = 0.0  # generator EMA decay (e.g. 0.999); 0 = no EMA
-    compile: str = "none"  # none | compile (torch.compile) -- fast path, see issue "Fast path"
+    # the fast path (gancore/fast.py): none | compile (torch.compile the networks) | cudagraph (the whole step
+    # captured in one CUDA graph) | compile_cudagraph (both); falls back with a one-line notice where it cannot apply
+    compile: str = "none"
+    channels_last: bool = infra(False)  # NHWC weights/activations (cuDNN tensor cores under bf16); see bench/
     log_every: int = infra(50)  # steps between statistic reads (the only host syncs of the loop)
     checkpoint_every: int = infra(1000)  # steps between full-state checkpoints (also at the end)
     keep_checkpoints: int = infra(2)  # how many step checkpoints to keep on disk
@@ -178,7 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.d_act": ("relu", "lrelu", "tanh"),
     "model.upsample": ("convt", "nearest"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.compile": ("none", "compile"),
+    "train.compile": ("none", "compile", "cudagraph", "compile_cudagraph"),
     "track.log_checkpoints": ("none", "final", "all"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.sampler": ("ddim", "ddpm"),

@@ -110,7 +110,7 @@ class Sweep:
     grace_period: int = 300  # RDB only: a trial without heartbeat for this long is failed and re-queued
     max_retry: int = 3  # re-queues of an interrupted trial (then it stays FAIL and counts)
     out: Path = Path(DEFAULT_OUT)
-    workers: int = 2  # default for --workers
+    workers: int | str = "auto"  # default for --workers: a number, or auto (the measured best per device)
     slurm: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -300,9 +300,9 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
 
     st = d.get("storage")
     st = _section({"url": st} if isinstance(st, str) else st, _STORAGE, f"{path}: storage")
-    workers = d.get("workers", 2)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SweepError(f"{path}: workers: expected a positive integer, got {workers!r}")
+    workers = d.get("workers", "auto")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SweepError(f"{path}: workers: expected a positive integer or auto, got {workers!r}")
     slurm = _section(d.get("slurm"), _SLURM, f"{path}: slurm")
     if slurm["gpus"] not in (0, 1):
         raise SweepError(f"{path}: slurm.gpus: a sweep worker trains one trial at a time on 0 or 1 GPU; "
@@ -373,7 +373,9 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
         db = url.split("///", 1)[-1].split("?", 1)[0]
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        engine["connect_args"] = {"timeout": 60}  # several workers write one file: wait for the lock
+        # several workers write one file: wait for the lock; isolation_level None + BEGIN IMMEDIATE below: see
+        # _serialise_sqlite
+        engine["connect_args"] = {"timeout": 60, "isolation_level": None}
     elif url.startswith(("postgresql", "mysql")):
         engine["connect_args"] = {"connect_timeout": 5}  # unreachable host: fail in seconds, not minutes
     try:
@@ -384,7 +386,10 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
                 kwargs = dict(heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
                               heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                                   sweep.max_retry, inherit_intermediate_values=True))
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            if url.startswith("sqlite"):
+                _serialise_sqlite(storage.engine)
+            return storage
     except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
         name = getattr(e.__cause__, "name", None) or getattr(e, "name", None) or "?"
         driver = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
@@ -393,6 +398,20 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
     except Exception as e:  # sqlalchemy OperationalError / ArgumentError: one line, not a traceback
         msg = " ".join(str(getattr(e, "orig", None) or e).split())[:240]
         raise SweepError(f"cannot open study storage {shown} ({msg}); start the database or fix --storage") from None
+
+
+def _serialise_sqlite(engine: Any) -> None:
+    """Every transaction on the SQLite study file starts with BEGIN IMMEDIATE (the write lock).
+
+    Python's sqlite3 driver opens a transaction only at the first write, so Optuna's pop of a WAITING trial (read
+    the state, then set RUNNING) ran its read outside any transaction: two workers could both read WAITING, both
+    set RUNNING and train the same re-queued trial, and the second one's tell failed ("Cannot tell a COMPLETE
+    trial"). Holding the write lock from the read on makes the pop atomic; a few workers wait milliseconds."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sampler(sweep: Sweep, stream: int) -> Any:
@@ -1014,6 +1033,10 @@ def run_sweep(sweep: Sweep, workers: int | None = None, launcher: str = "local",
               prepare_only: bool = False) -> int:
     """Prepare, run the workers, report. Returns 0 (budget used / timeout) or EXIT_STOPPED (interrupted)."""
     workers = workers or sweep.workers
+    why = ""
+    if workers == "auto":
+        workers, why = auto_workers(sweep, launcher)
+        why = f" ({why})"
     if launcher not in ("local", "slurm"):
         raise SweepError(f"launcher {launcher!r}: expected local or slurm")
     if launcher == "slurm" and sweep.storage_url.startswith("sqlite"):
@@ -1026,7 +1049,7 @@ def run_sweep(sweep: Sweep, workers: int | None = None, launcher: str = "local",
     left = trials_left(study, sweep.n_trials)
     n = workers if left is None else min(workers, left)
     plan = ("prepared: start workers (e.g. sbatch --array=0-N slurm/sweep.sh)" if prepare_only else
-            "budget used" if n == 0 else f"{n} {launcher} worker(s)")
+            "budget used" if n == 0 else f"{n} {launcher} worker(s){why}")
     print(f"sweep {sweep.study}: storage {describe_url(sweep.storage_url)}; "
           f"{len(study.get_trials(deepcopy=False))} trial(s) so far; {plan}; dir {sweep.dir}", flush=True)
     if prepare_only:
@@ -1046,6 +1069,21 @@ def run_sweep(sweep: Sweep, workers: int | None = None, launcher: str = "local",
     study = open_study(sweep, open_storage(sweep.storage_url))
     report(sweep, study, parent, final=code == 0)
     return code
+
+
+def auto_workers(sweep: Sweep, launcher: str) -> tuple[int, str]:
+    """`workers: auto`: local workers = the measured best trials per device (gancore.fast, bench/
+    trials_per_device.py) x the GPUs here (one CPU device without GPUs). Slurm arrays: the default count."""
+    from gancore import fast
+
+    if launcher == "slurm":
+        return fast.DEFAULT_TRIALS_PER_DEVICE, "the default for a Slurm job array; pass --workers N"
+    import torch
+
+    k, source = fast.trials_per_device(sweep.base.train.compile)
+    gpus = torch.cuda.device_count()
+    per = f"{k} per GPU x {gpus} GPUs" if gpus else f"{k} on the CPU"
+    return k * max(1, gpus), f"auto: {per}, {source}"
 
 
 def _figures(study: Any, out: Path) -> list[Path]:

@@ -5,6 +5,8 @@
 
 The loop drives a family object (gancore/families/) and never asks which family, model or loss it runs.
 The step has no host synchronisation: statistics stay on the device until every `train.log_every` steps.
+With `train.compile=cudagraph` the same step runs as gancore.fast.StaticStep (fixed buffers; on a GPU one CUDA
+graph replay per step); everything around the step is unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from gancore import checkpoint as ckpt
-from gancore import plots
+from gancore import fast, plots
 from gancore.config import Config, from_dict, resume_differences, save_yaml, to_dict
 from gancore.data import DeviceLoader, load_images
 from gancore.ema import EMA
@@ -147,8 +149,18 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     image_shape = tuple(x_all.shape[1:])
     num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
     family = build_family(cfg, image_shape, num_classes)
-    if cfg.train.compile == "compile":
-        _compile_networks(family, is_main)
+    fast_plan = fast.plan(cfg.train.compile, accelerator.device, accelerator.num_processes, cfg.train.mixed_precision)
+    if fast_plan.static_step and (why := fast.StaticStep.unsupported(family)):
+        fast_plan = fast.Plan(fast_plan.compile, False, False, f"train.compile={cfg.train.compile}: {cfg.family} "
+                                                               f"cannot run as a static step ({why}); plain step")
+    if is_main and fast_plan.notice:
+        print(fast_plan.notice, flush=True)
+    if cfg.train.channels_last:
+        fast.to_channels_last(family.networks)
+    if fast_plan.compile:
+        _compile_networks(family, is_main, cfg.train.compile)
+    if accelerator.device.type == "cuda" and cfg.train.compile != "none":
+        torch.backends.cudnn.benchmark = True  # static shapes: autotune each convolution once
 
     names = list(family.networks)
     opt_names = list(family.optimizers)
@@ -183,6 +195,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             accelerator.unwrap_model(family.networks[k]).load_state_dict(state["networks"][k])
         for k in opt_names:
             family.optimizers[k].load_state_dict(state["optimizers"][k])
+            fast.restore_adam_options(family.optimizers[k], family.adam_options)
         if family.ema is not None and state.get("ema") is not None:
             family.ema.load_state_dict(state["ema"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -262,25 +275,32 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     status = "finished"
     t_loop, first_step = time.perf_counter(), step
     last_metrics: dict[str, float] = {}
+    # the fast path's step: the same phases over fixed buffers, on a GPU one CUDA-graph replay (gancore/fast.py)
+    static_step = fast.StaticStep(family, accelerator, loader, [window, epoch_stats], gen_net, fast_plan.capture,
+                                  cfg.train.compile, notify=print if is_main else lambda m: None) \
+        if fast_plan.static_step else None
     try:
         batch = None
         while step < total_steps:
-            # -- the phases of one step: GAN: D x d_iters (fresh real batch each), then G; VAE/diffusion: one
-            for phase in family.phases:
-                opt = family.optimizers[phase.optimizer]
-                for _ in range(phase.repeats):
-                    if phase.fresh_batch or batch is None:
-                        batch = family.prepare(*loader.next())
-                    with accelerator.autocast():
-                        loss, stats = phase.loss(batch)
-                    opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
-                    accelerator.backward(loss)
-                    opt.step()
-                    window.add(stats)
-                    epoch_stats.add(stats)
-            # -- generator EMA
-            if family.ema is not None:
-                family.ema.update(gen_net)
+            if static_step is not None:
+                static_step()  # phases, EMA and statistics as below
+            else:
+                # -- the phases of one step: GAN: D x d_iters (fresh real batch each), then G; VAE/diffusion: one
+                for phase in family.phases:
+                    opt = family.optimizers[phase.optimizer]
+                    for _ in range(phase.repeats):
+                        if phase.fresh_batch or batch is None:
+                            batch = family.prepare(*loader.next())
+                        with accelerator.autocast():
+                            loss, stats = phase.loss(batch)
+                        opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
+                        accelerator.backward(loss)
+                        opt.step()
+                        window.add(stats)
+                        epoch_stats.add(stats)
+                # -- generator EMA
+                if family.ema is not None:
+                    family.ema.update(gen_net)
             step += 1
             steps_window += 1
             epoch_end = step % steps_per_epoch == 0
@@ -382,7 +402,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                      stop_signal=stop.signal if status == "stopped" else None)
 
 
-def _compile_networks(family: Family, notify: bool) -> None:
+def _compile_networks(family: Family, notify: bool, mode: str) -> None:
     """torch.compile every network's forward in place (state_dict keys stay unchanged for checkpoints).
 
     Where compilation is impossible (no C++ compiler, an unsupported op), dynamo falls back to eager per graph.
@@ -393,7 +413,7 @@ def _compile_networks(family: Family, notify: bool) -> None:
     for net in family.networks.values():
         net.compile()
     if notify:
-        print("train.compile=compile: networks compiled with torch.compile (first steps are slow while it compiles)")
+        print(f"train.compile={mode}: networks compiled with torch.compile (first steps are slow while it compiles)")
 
 
 class _Progress:

@@ -16,11 +16,25 @@ import argparse
 from _cli import quiet_third_party, run
 
 
+def _workers(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {v!r}")
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", help="sweep file (sweeps/*.yaml)")
-    ap.add_argument("--workers", type=int, help="parallel workers (default: the sweep file's `workers`, else 2)")
+    ap.add_argument("--workers", type=_workers, help="parallel workers, a number or auto (the measured best "
+                    "trials per device x GPUs; bench/trials_per_device.py); default: the sweep file's `workers`, "
+                    "else auto")
     ap.add_argument("--launcher", choices=("local", "slurm"), default="local",
                     help="local: worker processes on this machine; slurm: a Slurm job array through submitit")
     ap.add_argument("--storage", help="Optuna storage URL (sqlite:///F.db, journal:F.log, postgresql://...)")
@@ -36,8 +50,6 @@ def main() -> int:
 
     from gancore.sweep import SweepError, WorkerContext, load_sweep, run_sweep, worker
 
-    if args.workers is not None and args.workers < 1:
-        raise SweepError("--workers must be at least 1")
     sweep = load_sweep(args.sweep, storage=args.storage, n_trials=args.n_trials, timeout_s=args.timeout_s,
                        out=args.out)
     if args.worker:

@@ -305,3 +305,68 @@ def test_slurm_job_array_of_workers_on_journal_storage(tmp_path):
     study = optuna.load_study(study_name="slurm", storage=sw.open_storage(sweep.storage_url))
     runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
     assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several trials per device: `workers: auto` takes the best K that bench/trials_per_device.py measured here
+
+
+def test_auto_workers_use_the_measured_best_k(tmp_path, monkeypatch):
+    import torch
+
+    from gancore import fast
+
+    monkeypatch.setenv("GANCORE_CACHE", str(tmp_path / "cache"))
+    sweep = load_sweep(sweep_file(tmp_path, workers="auto"))
+    assert sweep.workers == "auto"
+    devices = max(1, torch.cuda.device_count())
+    n, why = sw.auto_workers(sweep, "local")
+    assert n == fast.DEFAULT_TRIALS_PER_DEVICE * devices and "measure with bench/trials_per_device.py" in why
+    best, path = fast.record_trials_per_device("none", {1: 100.0, 2: 180.0, 4: 240.0, 8: 230.0})
+    assert best == 4 and path == tmp_path / "cache" / "trials_per_device.json"
+    n, why = sw.auto_workers(sweep, "local")
+    assert n == 4 * devices and "measured on" in why
+    # a measurement under another train.compile mode on this device is the next best guess
+    assert fast.trials_per_device("cudagraph")[0] == 4
+    assert sw.auto_workers(sweep, "slurm")[0] == fast.DEFAULT_TRIALS_PER_DEVICE
+    path.write_text("{not json")
+    assert fast.trials_per_device("none") == (fast.DEFAULT_TRIALS_PER_DEVICE,
+                                              "default; measure with bench/trials_per_device.py --save")
+    with pytest.raises(SweepError, match="workers: expected a positive integer or auto, got 'many'"):
+        load_sweep(sweep_file(tmp_path, study="bad", workers="many"))
+
+
+def test_sweep_cli_rejects_bad_workers(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(sweep_file(tmp_path)), "--workers", "0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and "expected a positive integer or auto, got '0'" in p.stderr
+
+
+def _pop_all(url: str, queue, barrier) -> None:
+    study = optuna.load_study(study_name="race", storage=sw.open_storage(url))
+    barrier.wait()
+    got = []
+    while (trial_id := study._pop_waiting_trial_id()) is not None:  # what study.optimize does for queued trials
+        got.append(trial_id)
+    queue.put(got)
+
+
+def test_sqlite_workers_never_pop_the_same_queued_trial(tmp_path):
+    """Three processes pop 60 queued trials at once: each trial exactly once (before BEGIN IMMEDIATE, this ran
+    70 pops for 60 trials here: re-queued trials were trained twice)."""
+    import multiprocessing as mp
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=sw.open_storage(url))
+    for i in range(60):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(3)
+    procs = [ctx.Process(target=_pop_all, args=(url, queue, barrier)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    popped = [i for _ in procs for i in queue.get(timeout=120)]
+    for p in procs:
+        p.join()
+    assert sorted(popped) == sorted(t._trial_id for t in study.get_trials())

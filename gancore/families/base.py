@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gancore.config import Config
+from gancore.fast import adam_options
 
 Stats = dict[str, torch.Tensor]
 
@@ -56,6 +57,8 @@ class Family:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.phases: list[Phase] = []
         self.ema: nn.Module | None = None  # set by the trainer when EMA is on
+        # Adam's implementation for the run's train.compile mode (fused / capturable on a GPU fast path)
+        self.adam_options = adam_options(cfg.train.compile)
 
     # -- data ------------------------------------------------------------------------------------------------
     def prepare(self, x_uint8: torch.Tensor, y: torch.Tensor | None) -> Batch:
@@ -104,4 +107,5 @@ class Family:
 
     def adam(self, params, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                **self.adam_options)

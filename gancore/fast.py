@@ -1,0 +1,259 @@
+"""The fast path (`train.compile`): fewer kernel launches, no host syncs, one CUDA graph per training step.
+
+    none               the plain loop of gancore/trainer.py (the reference for exactness)
+    compile            torch.compile every network (inductor kernels); the loop itself unchanged
+    cudagraph          the whole step -- every phase's forward, backward and optimiser step, the EMA update and the
+                       statistics -- captured once in a CUDA graph and replayed: one launch per step instead of
+                       hundreds, so a small model is no longer bound by the CPU issuing kernels
+    compile_cudagraph  both: compiled networks inside the captured step
+
+A captured step needs static shapes (DeviceLoader drops the last partial batch; each batch is copied into a fixed
+buffer before the replay), data already on the device (DeviceLoader), an optimiser whose step counter lives on the
+device (fused Adam with capturable=True), statistics summed on the device into fixed accumulators (read every
+`train.log_every` steps) and an EMA whose decay warm-up is computed on the device. What cannot be captured falls
+back with one line saying why:
+
+- no CUDA device: the same static step runs uncaptured (CPU machines, tests);
+- fp16: the GradScaler reads an inf/NaN flag on the host at every step (use bf16, which needs no scaler);
+- several processes: DDP's gradient all-reduce hooks are not captured here (the plain step runs);
+- a phase that reads a tensor on the host (`.item()`, `if tensor:`) or allocates on the CPU: the capture fails
+  and the step runs uncaptured from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+MODES = ("none", "compile", "cudagraph", "compile_cudagraph")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the trainer does for one `train.compile` mode on one machine."""
+
+    compile: bool  # torch.compile the networks
+    static_step: bool  # run steps through StaticStep (fixed buffers, on-device statistics)
+    capture: bool  # capture StaticStep in a CUDA graph after a few warm-up steps
+    notice: str | None = None  # one line for the user when the mode could not be honoured in full
+
+
+def plan(mode: str, device: torch.device, world: int, mixed_precision: str) -> Plan:
+    """The fast-path plan for `mode` on `device` with `world` processes; explains every fallback in `notice`."""
+    compile_ = mode in ("compile", "compile_cudagraph")
+    if mode not in ("cudagraph", "compile_cudagraph"):
+        return Plan(compile_, False, False)
+    why = None
+    if world > 1:
+        why = f"not captured with {world} processes (DDP's all-reduce hooks); running the plain step"
+    elif mixed_precision == "fp16":
+        why = ("not captured under fp16 (its GradScaler reads an overflow flag on the host every step); running "
+               "the plain step; train.mixed_precision=bf16 can be captured")
+    if why:
+        return Plan(compile_, False, False, f"train.compile={mode}: {why}")
+    if device.type != "cuda":
+        return Plan(compile_, True, False, f"train.compile={mode}: CUDA graphs need a CUDA device; the same static "
+                                            f"step runs uncaptured on {device.type}")
+    return Plan(compile_, True, True)
+
+
+def adam_options(mode: str) -> dict[str, Any]:
+    """Adam's implementation flags for a mode: fused (one multi-tensor kernel) and capturable (its step counter on
+    the device) where a CUDA device will run it; the eager path keeps torch's defaults (foreach on CUDA)."""
+    opts: dict[str, Any] = {"foreach": None, "fused": None, "capturable": False}
+    if mode != "none" and torch.cuda.is_available():
+        opts.update(fused=True, capturable=mode in ("cudagraph", "compile_cudagraph"))
+    return opts
+
+
+def restore_adam_options(opt: torch.optim.Optimizer, options: dict[str, Any]) -> None:
+    """After `load_state_dict` (which copies the saved run's flags into the param groups): this run's flags, and
+    Adam's step counters where these flags want them (on the parameter's device when fused/capturable, else CPU)."""
+    opt = getattr(opt, "optimizer", opt)  # Accelerate's wrapper
+    for group in opt.param_groups:
+        group.update(options)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
+
+
+def to_channels_last(nets: dict[str, nn.Module]) -> None:
+    """NHWC weights (4-d tensors only): convolutions then produce NHWC outputs, which cuDNN's tensor-core kernels
+    prefer under bf16/fp16 (no layout transposes)."""
+    for net in nets.values():
+        net.to(memory_format=torch.channels_last)
+
+
+class StaticStep:
+    """One training step over fixed buffers, with nothing that reads a value on the host.
+
+    Each call draws the step's real batches from the loader and copies them into fixed input buffers; then the
+    phases run exactly as in the plain loop (prepare, loss under autocast, zero_grad, backward, optimiser step),
+    the EMA updates, and each phase's statistics are added into the accumulators' fixed on-device blocks. On a CUDA
+    device (`capture=True`) the first WARMUP calls run on a side stream (lazy initialisation, cuDNN autotuning,
+    compilation, Adam's state), the next call is captured into one CUDA graph, and every later call is a copy of
+    the inputs plus one `graph.replay()`. Uncaptured, it computes bit-for-bit what the plain loop computes.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, family, accelerator, loader, accumulators: list, gen_net: nn.Module, capture: bool,
+                 mode: str, notify: Callable[[str], None] = print):
+        from accelerate.utils import AutocastKwargs
+
+        self.family, self.accelerator, self.loader = family, accelerator, loader
+        self.accumulators, self.gen_net = accumulators, gen_net
+        self.capture, self.mode, self.notify = capture, mode, notify
+        # autocast's cast cache would keep bf16 weight copies across the graph boundary; recast inside instead
+        self.autocast = AutocastKwargs(cache_enabled=False)
+        self.draws = sum(p.repeats for p in family.phases if p.fresh_batch)
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.counts: dict[str, int] = {}  # statistics reported per step (known once the body has run)
+        self.graph: Any = None
+        self._side: Any = None  # the warm-up stream
+        self.calls = 0
+
+    @staticmethod
+    def unsupported(family) -> str | None:
+        """Why this family's phases cannot run as a static step, or None."""
+        if not family.phases or not family.phases[0].fresh_batch:
+            return "its first phase reuses a batch from the previous step"
+        return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __call__(self) -> None:
+        batches = [self.loader.next() for _ in range(self.draws)]
+        if self.inputs is None:
+            self.inputs = [(x.clone(), y.clone()) for x, y in batches]  # the fixed buffers the graph reads
+        else:
+            for (sx, sy), (x, y) in zip(self.inputs, batches):
+                sx.copy_(x, non_blocking=True)
+                sy.copy_(y, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and self.calls >= self.WARMUP:
+            self._capture()
+        elif self.capture:
+            self._on_side_stream()
+        else:
+            self._body()
+        self.calls += 1
+        for acc in self.accumulators:
+            acc.add_counts(self.counts)
+
+    def _body(self) -> None:
+        """The step itself: the plain loop's phases and EMA update, statistics into the fixed blocks."""
+        family, accelerator = self.family, self.accelerator
+        counts: dict[str, int] = {}
+        k, batch = 0, None
+        for phase in family.phases:
+            opt = family.optimizers[phase.optimizer]
+            for _ in range(phase.repeats):
+                if phase.fresh_batch:
+                    batch = family.prepare(*self.inputs[k])
+                    k += 1
+                with accelerator.autocast(self.autocast):
+                    loss, stats = phase.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                opt.step()
+                keys = tuple(stats)
+                values = torch.stack([v.detach().float() for v in stats.values()])
+                for acc in self.accumulators:
+                    acc.add_block(keys, values)
+                for key in keys:
+                    counts[key] = counts.get(key, 0) + 1
+        if family.ema is not None:
+            family.ema.update(self.gen_net)
+        self.counts = counts
+
+    def _on_side_stream(self) -> None:
+        # warm-up must not run on the stream that will later be captured (PyTorch's CUDA-graph recipe)
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        side = self._side
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self) -> None:
+        """Record the step into a CUDA graph and replay it (the recording itself computes nothing)."""
+        torch.cuda.synchronize()
+        for opt in self.family.optimizers.values():
+            opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's memory pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: CUDA calls of other threads (MLflow's async logger, say) do not break the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._body()
+        except Exception as e:  # data-dependent control flow, a host read, an unsupported op ...
+            torch.cuda.synchronize()
+            self.capture = False
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.notify(f"train.compile={self.mode}: the step could not be captured in a CUDA graph ({first[:160]}); "
+                        "it runs uncaptured from here")
+            self._body()
+            return
+        self.graph = graph
+        graph.replay()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several trials per device: bench/trials_per_device.py measures the aggregate throughput of K training processes
+# sharing one device and records the best K here; `jobs/sweep.py --workers auto` (the default) starts that many
+# local workers per GPU. A small model leaves a big GPU mostly idle, so K > 1 can multiply trials per hour.
+
+DEFAULT_TRIALS_PER_DEVICE = 2  # until a measurement exists for this device (the previous fixed default)
+
+
+def device_name() -> str:
+    """What a measurement is recorded under: the GPU's name, or `cpu-<cores>`."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{os.cpu_count()}"
+
+
+def _trials_file():
+    from gancore.data import cache_dir
+
+    return cache_dir() / "trials_per_device.json"
+
+
+def record_trials_per_device(mode: str, table: dict[int, float], extra: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """Store a measurement {K: aggregate images/s} for this device and mode; returns (best K, the file)."""
+    import json
+
+    best = max(table, key=lambda k: table[k])
+    path = _trials_file()
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(device_name(), {})[mode] = {"best_k": best, "images_per_s": {str(k): v for k, v in table.items()},
+                                                **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return best, path
+
+
+def trials_per_device(mode: str) -> tuple[int, str]:
+    """(K, where it came from): the measured best K for this device and train.compile mode (another mode's
+    measurement on the same device if this one has none), else DEFAULT_TRIALS_PER_DEVICE."""
+    import json
+
+    path = _trials_file()
+    try:
+        data = json.loads(path.read_text()).get(device_name(), {}) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    entry = data.get(mode) or next(iter(data.values()), None)
+    if entry and isinstance(entry.get("best_k"), int) and entry["best_k"] >= 1:
+        return entry["best_k"], f"measured on {device_name()} ({path})"
+    return DEFAULT_TRIALS_PER_DEVICE, "default; measure with bench/trials_per_device.py --save"
