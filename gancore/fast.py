@@ -22,6 +22,7 @@ back with one line saying why:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -193,7 +194,8 @@ class StaticStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._body()
         except Exception as e:  # data-dependent control flow, a host read, an unsupported op ...
-            torch.cuda.synchronize()
+            with contextlib.suppress(Exception):  # an invalidated capture is not sticky: the context stays usable
+                torch.cuda.synchronize()
             self.capture = False
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self.notify(f"train.compile={self.mode}: the step could not be captured in a CUDA graph ({first[:160]}); "

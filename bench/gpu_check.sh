@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The fast path's GPU check in one go (issue "Fast path"): the GPU tests, the speed table, K trials per GPU and the
+# full 100-epoch MNIST DCGAN preset. Sized for one 10-minute call on an H100/H200 (each part has its own timeout, so
+# a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
+#
+#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh
+#
+# Needs torch (CUDA), accelerate, numpy, pyyaml, rich, matplotlib, h5py and pytest; tracking and FID are off, so
+# MLflow, Optuna and torch-fidelity are not needed. The device machine of this workplace has all of these in its own
+# python3; carry mnist.npz (9.5 MB) in an ignored folder and point GANCORE_DATA at it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gancore-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export GANCORE_CACHE=${GANCORE_CACHE:-/tmp/gancore-cache}
+: "${GANCORE_DATA:?set GANCORE_DATA to the folder holding mnist.npz}"
+export GANCORE_DATA
+
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+
+echo "== 1. exactness and capture tests (tests/test_fast_path.py)"
+timeout 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log"
+
+echo "== 2. speed: reports' loop vs gancore variants, batch 64 and 256"
+timeout 200 $PY bench/train_speed.py --steps 300 --batch 64 256 --profile --json "$OUT/train_speed.json" \
+    --modes eager compile cudagraph compile_cudagraph cudagraph+bf16 cudagraph+bf16+cl 2>&1 | tee "$OUT/train_speed.log"
+
+echo "== 3. K trials per GPU (aggregate throughput), recorded for sweeps' workers: auto"
+timeout 120 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 | tee "$OUT/trials.log"
+cp "$GANCORE_CACHE/trials_per_device.json" "$OUT/" 2>/dev/null
+
+echo "== 4. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path"
+start=$EPOCHREALTIME
+timeout 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
+    train.progress=false train.checkpoint_every=10000 --out /tmp/gancore-full > "$OUT/full.log" 2>&1
+rc=$?
+tail -5 "$OUT/full.log"
+$PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
+    "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
