@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training speed of the MNIST DCGAN: the reports' loop vs gancore eager vs gancore's fast path, in one process.
 
-    python bench/train_speed.py [--steps 200] [--batch 64 256] [--modes eager cudagraph] [--profile] [--json F]
+    python bench/train_speed.py [--steps 200] [--batch 64 256] [--modes eager cudagraph] [--repeats R] [--profile]
+                                [--json F]
 
 BASELINE: the loop the reference reports use, written here as they write it (clearly labelled, not gancore code):
 a torchvision-style Dataset with ToTensor/Normalize transforms, a shuffling DataLoader, fp32, `.item()` on both
@@ -106,7 +107,7 @@ def gancore_run(variant: str, batch: int, n: int, out: Path) -> float:
     from gancore.trainer import fit
 
     cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*_overrides(variant, batch), f"train.max_steps={n}"])
-    return fit(cfg, out=out).loop_seconds
+    return fit(cfg, out=Path(tempfile.mkdtemp(prefix=out.name + "-", dir=out.parent))).loop_seconds  # a fresh dir
 
 
 def gancore_loop(variant: str, batch: int, steps: int, tmp: Path) -> float:
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--modes", nargs="+", default=["eager", "cudagraph"],
                     help="gancore variants: eager, compile, cudagraph, compile_cudagraph; suffix +bf16 / +cl")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the variants R times; report the fastest")
     ap.add_argument("--no-baseline", action="store_true", help="skip the reports' loop")
     ap.add_argument("--profile", action="store_true", help="also GPU kernel ms/step (launch- vs compute-bound)")
     ap.add_argument("--json", help="write the table here as JSON")
@@ -175,13 +177,19 @@ def main() -> None:
         return per_step
 
     for b in args.batch:
-        base = None
-        if not args.no_baseline:
-            base = reports_loop(x, b, args.steps, device)
+        # --repeats R: the variants alternate R times; each row is the fastest (least disturbed) of its R runs
+        times: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            if not args.no_baseline:
+                times.setdefault("reports loop (BASELINE)", []).append(reports_loop(x, b, args.steps, device))
+            for v in args.modes:
+                times.setdefault(f"gancore {v}", []).append(gancore_loop(v, b, args.steps, tmp))
+        base = min(times["reports loop (BASELINE)"]) if not args.no_baseline else None
+        if base is not None:
             show("reports loop (BASELINE)", b, base, base, lambda: _none_or(
                 kernel_ms(lambda: reports_loop(x, b, args.steps, device)), lambda k: k / (args.steps + 5)))
         for v in args.modes:
-            show(f"gancore {v}", b, gancore_loop(v, b, args.steps, tmp), base, gancore_kernel(v, b))
+            show(f"gancore {v}", b, min(times[f"gancore {v}"]), base, gancore_kernel(v, b))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "steps": args.steps,
                                                "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))

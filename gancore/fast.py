@@ -91,40 +91,32 @@ def to_channels_last(nets: dict[str, nn.Module]) -> None:
 
 
 class StaticStep:
-    """One training step over fixed buffers, with nothing that reads a value on the host.
+    """The trainer's step function run over fixed buffers, with nothing that reads a value on the host.
 
-    Each call draws the step's real batches from the loader and copies them into fixed input buffers; then the
-    phases run exactly as in the plain loop (prepare, loss under autocast, zero_grad, backward, optimiser step),
-    the EMA updates, and each phase's statistics are added into the accumulators' fixed on-device blocks. On a CUDA
-    device (`capture=True`) the first WARMUP calls run on a side stream (lazy initialisation, cuDNN autotuning,
+    Each call draws the step's real batches from the loader and copies them into fixed input buffers, then runs
+    the trainer's `one_step(draw, report, autocast)` (phases, EMA) with `draw` serving those buffers in order and
+    `report` adding each phase's statistics into the accumulators' fixed on-device blocks. On a CUDA device
+    (`capture=True`) the first WARMUP calls run on a side stream (lazy initialisation, cuDNN autotuning,
     compilation, Adam's state), the next call is captured into one CUDA graph, and every later call is a copy of
-    the inputs plus one `graph.replay()`. Uncaptured, it computes bit-for-bit what the plain loop computes.
+    the inputs plus one `graph.replay()`. Uncaptured, it computes bit-for-bit what the plain step computes.
     """
 
     WARMUP = 3
 
-    def __init__(self, family, accelerator, loader, accumulators: list, gen_net: nn.Module, capture: bool,
-                 mode: str, notify: Callable[[str], None] = print):
+    def __init__(self, one_step: Callable, family, loader, draws: int, accumulators: list, capture: bool, mode: str,
+                 notify: Callable[[str], None] = print):
         from accelerate.utils import AutocastKwargs
 
-        self.family, self.accelerator, self.loader = family, accelerator, loader
-        self.accumulators, self.gen_net = accumulators, gen_net
+        self.one_step, self.family, self.loader, self.draws = one_step, family, loader, draws
+        self.accumulators = accumulators
         self.capture, self.mode, self.notify = capture, mode, notify
-        # autocast's cast cache would keep bf16 weight copies across the graph boundary; recast inside instead
+        # autocast's weight-cast cache is not needed across phases; recast inside each phase (graph-local memory)
         self.autocast = AutocastKwargs(cache_enabled=False)
-        self.draws = sum(p.repeats for p in family.phases if p.fresh_batch)
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.counts: dict[str, int] = {}  # statistics reported per step (known once the body has run)
         self.graph: Any = None
         self._side: Any = None  # the warm-up stream
         self.calls = 0
-
-    @staticmethod
-    def unsupported(family) -> str | None:
-        """Why this family's phases cannot run as a static step, or None."""
-        if not family.phases or not family.phases[0].fresh_batch:
-            return "its first phase reuses a batch from the previous step"
-        return None
 
     # ------------------------------------------------------------------------------------------------------------
     def __call__(self) -> None:
@@ -148,29 +140,22 @@ class StaticStep:
             acc.add_counts(self.counts)
 
     def _body(self) -> None:
-        """The step itself: the plain loop's phases and EMA update, statistics into the fixed blocks."""
-        family, accelerator = self.family, self.accelerator
+        """one_step over the fixed buffers, statistics into the fixed blocks."""
+        inputs = iter(self.inputs)
         counts: dict[str, int] = {}
-        k, batch = 0, None
-        for phase in family.phases:
-            opt = family.optimizers[phase.optimizer]
-            for _ in range(phase.repeats):
-                if phase.fresh_batch:
-                    batch = family.prepare(*self.inputs[k])
-                    k += 1
-                with accelerator.autocast(self.autocast):
-                    loss, stats = phase.loss(batch)
-                opt.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                opt.step()
-                keys = tuple(stats)
-                values = torch.stack([v.detach().float() for v in stats.values()])
-                for acc in self.accumulators:
-                    acc.add_block(keys, values)
-                for key in keys:
-                    counts[key] = counts.get(key, 0) + 1
-        if family.ema is not None:
-            family.ema.update(self.gen_net)
+
+        def draw():
+            return self.family.prepare(*next(inputs))
+
+        def report(stats: dict[str, torch.Tensor]) -> None:
+            keys = tuple(stats)
+            values = torch.stack([v.detach().float() for v in stats.values()])
+            for acc in self.accumulators:
+                acc.add_block(keys, values)
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+
+        self.one_step(draw, report, self.autocast)
         self.counts = counts
 
     def _on_side_stream(self) -> None:

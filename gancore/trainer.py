@@ -31,7 +31,7 @@ from gancore.config import Config, from_dict, resume_differences, save_yaml, to_
 from gancore.data import DeviceLoader, load_images
 from gancore.ema import EMA
 from gancore.errors import CheckpointError, NonFiniteLossError
-from gancore.families.base import Family
+from gancore.families.base import Batch, Family
 from gancore.registry import FAMILIES
 from gancore.stats import StatsAccumulator, non_finite
 from gancore.tracking import check_reachable, make_tracker, resolve_uri
@@ -150,9 +150,6 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
     family = build_family(cfg, image_shape, num_classes)
     fast_plan = fast.plan(cfg.train.compile, accelerator.device, accelerator.num_processes, cfg.train.mixed_precision)
-    if fast_plan.static_step and (why := fast.StaticStep.unsupported(family)):
-        fast_plan = fast.Plan(fast_plan.compile, False, False, f"train.compile={cfg.train.compile}: {cfg.family} "
-                                                               f"cannot run as a static step ({why}); plain step")
     if is_main and fast_plan.notice:
         print(fast_plan.notice, flush=True)
     if cfg.train.channels_last:
@@ -174,7 +171,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     loader = DeviceLoader(x_all, y_all, cfg.optim.batch_size, seed=cfg.train.seed, device=accelerator.device,
                           on_device=cfg.data.on_device, rank=accelerator.process_index,
                           world=accelerator.num_processes)
-    draws = max(1, sum(p.repeats for p in family.phases if p.fresh_batch))  # real batches consumed per step
+    draws = family.draws_per_step()  # real batches consumed per step
     steps_per_epoch = max(1, loader.steps_per_epoch // draws)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     fixed = family.fixed_inputs(cfg.train.grid_size, torch.Generator().manual_seed(cfg.train.seed + 12345))
@@ -265,6 +262,37 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         return values
 
     # ------------------------------------------------------------------------------------------------------------
+    # One training step
+    def one_step(draw: Callable[[], Batch], report: Callable[[dict], None], autocast: Any = None) -> None:
+        """One training step: the family's phases, then the generator EMA. `draw()` gives the next real batch,
+        `report(stats)` takes each phase's statistics (0-d tensors, aggregated on the device)."""
+        batch = None
+        # -- the phases: GAN: D x d_iters (a fresh real batch each), then G (on the last batch); VAE/diffusion: one
+        for phase in family.phases:
+            opt = family.optimizers[phase.optimizer]
+            for _ in range(phase.repeats):
+                if phase.fresh_batch or batch is None:
+                    batch = draw()
+                with accelerator.autocast(autocast):
+                    loss, stats = phase.loss(batch)
+                opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
+                accelerator.backward(loss)
+                opt.step()
+                report(stats)
+        # -- generator EMA
+        if family.ema is not None:
+            family.ema.update(gen_net)
+
+    def plain_step() -> None:
+        one_step(lambda: family.prepare(*loader.next()), lambda stats: (window.add(stats), epoch_stats.add(stats)))
+
+    # the fast path (train.compile=cudagraph): one_step over fixed buffers; on a GPU captured once and replayed as
+    # one CUDA graph per step (gancore/fast.py)
+    train_step = fast.StaticStep(one_step, family, loader, draws, [window, epoch_stats], fast_plan.capture,
+                                 cfg.train.compile, notify=print if is_main else lambda m: None) \
+        if fast_plan.static_step else plain_step
+
+    # ------------------------------------------------------------------------------------------------------------
     # The loop
     stop = StopFlag(accelerator)
     stop.install()
@@ -275,32 +303,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     status = "finished"
     t_loop, first_step = time.perf_counter(), step
     last_metrics: dict[str, float] = {}
-    # the fast path's step: the same phases over fixed buffers, on a GPU one CUDA-graph replay (gancore/fast.py)
-    static_step = fast.StaticStep(family, accelerator, loader, [window, epoch_stats], gen_net, fast_plan.capture,
-                                  cfg.train.compile, notify=print if is_main else lambda m: None) \
-        if fast_plan.static_step else None
     try:
-        batch = None
         while step < total_steps:
-            if static_step is not None:
-                static_step()  # phases, EMA and statistics as below
-            else:
-                # -- the phases of one step: GAN: D x d_iters (fresh real batch each), then G; VAE/diffusion: one
-                for phase in family.phases:
-                    opt = family.optimizers[phase.optimizer]
-                    for _ in range(phase.repeats):
-                        if phase.fresh_batch or batch is None:
-                            batch = family.prepare(*loader.next())
-                        with accelerator.autocast():
-                            loss, stats = phase.loss(batch)
-                        opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
-                        accelerator.backward(loss)
-                        opt.step()
-                        window.add(stats)
-                        epoch_stats.add(stats)
-                # -- generator EMA
-                if family.ema is not None:
-                    family.ema.update(gen_net)
+            train_step()  # D x d_iters, G, EMA (one_step above)
             step += 1
             steps_window += 1
             epoch_end = step % steps_per_epoch == 0

@@ -101,6 +101,16 @@ class Family:
         return {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def draws_per_step(self) -> int:
+        """Real batches one step consumes: one per repeat of a fresh-batch phase, and one for a step whose first
+        phase reuses a batch (there is none yet)."""
+        n, have = 0, False
+        for p in self.phases:
+            for _ in range(p.repeats):
+                if p.fresh_batch or not have:
+                    n, have = n + 1, True
+        return max(1, n)
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.networks.values())).parameters().__next__().device
