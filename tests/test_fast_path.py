@@ -121,6 +121,7 @@ def test_ema_device_counter_matches_the_host_formula():
 SMALL_GANOMALY = ("model.ngf=8", "model.ndf=8", "model.nz=16", "ganomaly.test_subset=200")
 FAMILY_RUNS = {
     "dcgan": lambda *o: tiny(*o),
+    "mlp-bf16": lambda *o: tiny("model.arch=mlp", "train.mixed_precision=bf16", *o),  # autocast, no cast cache
     "wgan_gp-d_iters2-ema": lambda *o: tiny("optim.d_iters=2", "loss.name=wgan_gp", "model.batchnorm=g",
                                             "train.ema_decay=0.9", *o),
     "vae": lambda *o: tiny("vae.test_subset=100", *o, config="configs/mnist_vae.yaml"),
