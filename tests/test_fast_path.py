@@ -71,6 +71,18 @@ def test_adam_options_and_restore_after_load():
     assert float(plain.state[p]["step"]) == 2.0
 
 
+def test_draws_per_step_counts_fresh_batches():
+    from gancore.families.base import Phase
+
+    fam = FAMILIES["gan"](load_config(None, ["model.arch=mlp", "model.nz=8", "optim.d_iters=3"]), (1, 28, 28), 10)
+    assert fam.draws_per_step() == 3  # D x 3 with a fresh batch each; G reuses the last one
+    loss = fam.d_loss
+    fam.phases = [Phase("A", "D", loss, repeats=2, fresh_batch=False), Phase("B", "G", loss, repeats=2)]
+    assert fam.draws_per_step() == 3  # the first phase has no batch yet: one draw, then B's two
+    fam.phases = [Phase("A", "D", loss, fresh_batch=False)]
+    assert fam.draws_per_step() == 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pieces the captured step is made of: on-device statistics and EMA
 
