@@ -23,13 +23,16 @@ back with one line saying why:
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-MODES = ("none", "compile", "cudagraph", "compile_cudagraph")
+COMPILED = ("compile", "compile_cudagraph")  # modes that torch.compile the networks
+CAPTURED = ("cudagraph", "compile_cudagraph")  # modes that capture the step (the choices live in config.CHOICES)
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,8 @@ class Plan:
 
 def plan(mode: str, device: torch.device, world: int, mixed_precision: str) -> Plan:
     """The fast-path plan for `mode` on `device` with `world` processes; explains every fallback in `notice`."""
-    compile_ = mode in ("compile", "compile_cudagraph")
-    if mode not in ("cudagraph", "compile_cudagraph"):
+    compile_ = mode in COMPILED
+    if mode not in CAPTURED:
         return Plan(compile_, False, False)
     why = None
     if world > 1:
@@ -66,7 +69,7 @@ def adam_options(mode: str) -> dict[str, Any]:
     the device) where a CUDA device will run it; the eager path keeps torch's defaults (foreach on CUDA)."""
     opts: dict[str, Any] = {"foreach": None, "fused": None, "capturable": False}
     if mode != "none" and torch.cuda.is_available():
-        opts.update(fused=True, capturable=mode in ("cudagraph", "compile_cudagraph"))
+        opts.update(fused=True, capturable=mode in CAPTURED)
     return opts
 
 
@@ -201,8 +204,6 @@ DEFAULT_TRIALS_PER_DEVICE = 2  # until a measurement exists for this device (the
 
 def device_name() -> str:
     """What a measurement is recorded under: the GPU's name, or `cpu-<cores>`."""
-    import os
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu-{os.cpu_count()}"
@@ -216,8 +217,6 @@ def _trials_file():
 
 def record_trials_per_device(mode: str, table: dict[int, float], extra: dict[str, Any] | None = None) -> tuple[int, Any]:
     """Store a measurement {K: aggregate images/s} for this device and mode; returns (best K, the file)."""
-    import json
-
     best = max(table, key=lambda k: table[k])
     path = _trials_file()
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -233,8 +232,6 @@ def record_trials_per_device(mode: str, table: dict[int, float], extra: dict[str
 def trials_per_device(mode: str) -> tuple[int, str]:
     """(K, where it came from): the measured best K for this device and train.compile mode (another mode's
     measurement on the same device if this one has none), else DEFAULT_TRIALS_PER_DEVICE."""
-    import json
-
     path = _trials_file()
     try:
         data = json.loads(path.read_text()).get(device_name(), {}) if path.is_file() else {}
