@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The fast path's GPU check in one go (issue "Fast path"): the GPU tests, the speed table, K trials per GPU and the
-# full 100-epoch MNIST DCGAN preset. Sized for one 10-minute call on an H100/H200 (each part has its own timeout, so
-# a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
+# The fast path's GPU check in one go (issue "Fast path"): the GPU tests, the speed table, K trials per GPU, the
+# full 100-epoch MNIST DCGAN preset and batched ensembles. Sized for one 10-minute call on an H100/H200 (each part
+# has its own timeout, so a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
 #
 #   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh
 #
@@ -39,3 +39,6 @@ rc=$?
 tail -5 "$OUT/full.log"
 $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
     "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
+
+echo "== 5. batched ensembles: K DCGANs as one vmapped model vs the same K one after another (last: may be cut)"
+timeout 60 $PY bench/ensemble_speed.py --k 1 2 4 8 --steps 50 2>&1 | tee "$OUT/ensemble.log"
