@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## the main job: configs/quickstart.yaml (MNIST DCGAN, a few minutes on a CPU)
 	$(PY) jobs/train.py --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)  ## the whole suite (CPU); .ci/run calls this
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+TEST_WORKERS ?= 2
+test: $(STAMP)  ## the whole suite (CPU) on TEST_WORKERS processes (0: one process); .ci/run calls this
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" $(PYTEST_ARGS)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 	mkdir -p mlruns/artifacts

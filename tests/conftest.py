@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers (pytest-xdist): one core each, children too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("GANCORE_DATA", str(SHARED))
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -41,3 +46,17 @@ def tiny(*overrides: str, config: str | None = "configs/quickstart.yaml"):
 def _in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder, so runs/ and mlruns/ never land in the checkout."""
     monkeypatch.chdir(tmp_path)
+
+
+
+# Parallel runs (`make test`: pytest -n 2 --dist loadfile --no-loadscope-reorder). Each test file is one unit of
+# work, so module- and session-scoped fixtures (a trained extractor, an MLflow server, a reference run) are built
+# once, and all Slurm tests live in test_slurm.py, so only one worker submits to the single-node cluster at a time.
+# (loadgroup would be finer, but pytest-xdist 3.8 cannot set group ids on pytest 9.2's node ids.) Files go out in
+# this order, the longest first, so that no worker is left with a long one at the end.
+_FIRST = ("tests/test_slurm.py", "tests/test_sweep.py", "tests/test_metrics.py", "tests/test_fast_path.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {f: i for i, f in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order

@@ -283,3 +283,30 @@ def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
     time.sleep(15)  # a requeued job would be pending or running again by now
     assert state(jid) == "CANCELLED" and runs_of(jid) == ["CANCELLED"]
     assert "requeueing" not in (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps (issue #7): workers as a Slurm job array on journal storage (here, not in test_sweep.py: all Slurm tests
+# share one file, so parallel test workers never submit to the one-node cluster at the same time)
+
+
+def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from gancore import sweep as sw
+    from gancore.sweep import SweepError, load_sweep
+    from test_sweep import child_runs, sweep_file, trials
+
+    slurm = {"cpus": 1, "mem": "2G", "time": "0:15:00"}
+    path = sweep_file(tmp_path, study="slurm", n_trials=2, steps=2, slurm=slurm)
+    with pytest.raises(SweepError, match="not SQLite"):
+        sw.run_sweep(load_sweep(path), workers=2, launcher="slurm")
+    sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
+    assert sw.run_sweep(sweep, workers=2, launcher="slurm") == 0
+    t = trials(sweep)
+    assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(sweep.base.track.uri)
+    study = optuna.load_study(study_name="slurm", storage=sw.open_storage(sweep.storage_url))
+    runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
+    assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks

@@ -1,5 +1,5 @@
-"""Optuna sweeps (issue #7): the sweep file, parallel workers on sqlite / journal / PostgreSQL storage and as a Slurm
-job array, MLflow parent and child runs, kill + resume without lost or duplicated trials, pruning, diverged trials,
+"""Optuna sweeps (issue #7): the sweep file, parallel workers on sqlite / journal / PostgreSQL storage (as a Slurm
+job array: tests/test_slurm.py), MLflow parent and child runs, kill + resume without lost or duplicated trials, pruning, diverged trials,
 unreachable storage."""
 
 import os
@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 
 from gancore import sweep as sw
 from gancore.config import load_config
-from gancore.launch import slurm_problem
 from gancore.sweep import SweepError, load_sweep
 from conftest import ROOT, needs_mnist
 
@@ -283,28 +282,6 @@ def test_unreachable_storage_is_one_line_and_exit_2_within_seconds(tmp_path):
     assert lines[0].startswith("error: cannot open study storage postgresql://gancore:***@127.0.0.1:1/x")
     assert "refused" in lines[0] and "secret" not in out
     assert time.monotonic() - t0 < 30
-
-
-# .ci/run starts Slurm and sets GANCORE_REQUIRE_SLURM=1: then a missing Slurm fails instead of skipping
-NO_SLURM = None if os.environ.get("GANCORE_REQUIRE_SLURM") == "1" else slurm_problem()
-
-
-@needs_mnist
-@pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=f"no Slurm: {NO_SLURM}; start one with ../shared/slurm/slurm-up.sh")
-def test_slurm_job_array_of_workers_on_journal_storage(tmp_path):
-    slurm = {"cpus": 1, "mem": "2G", "time": "0:15:00"}
-    path = sweep_file(tmp_path, study="slurm", n_trials=2, steps=2, slurm=slurm)
-    with pytest.raises(SweepError, match="not SQLite"):
-        sw.run_sweep(load_sweep(path), workers=2, launcher="slurm")
-    sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
-    assert sw.run_sweep(sweep, workers=2, launcher="slurm") == 0
-    t = trials(sweep)
-    assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
-    client = MlflowClient(sweep.base.track.uri)
-    study = optuna.load_study(study_name="slurm", storage=sw.open_storage(sweep.storage_url))
-    runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
-    assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks
 
 
 # ----------------------------------------------------------------------------------------------------------------
