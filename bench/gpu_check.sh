@@ -5,9 +5,10 @@
 #
 #   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh
 #
-# Needs torch (CUDA), accelerate, numpy, pyyaml, rich, matplotlib, h5py and pytest; tracking and FID are off, so
-# MLflow, Optuna and torch-fidelity are not needed. The device machine of this workplace has all of these in its own
-# python3; carry mnist.npz (9.5 MB) in an ignored folder and point GANCORE_DATA at it.
+# Needs torch (CUDA), accelerate, numpy, scipy, pyyaml, rich, matplotlib, h5py and pytest; tracking is off, so MLflow
+# and Optuna are not needed. The device machine of this workplace has all of these in its own python3. Prepare the
+# rest here with `bash bench/gpu_carry.sh` (.gpu-data/: mnist.npz, the lenet_mnist extractor for the final FID, the
+# torch-fidelity wheel), carry .gpu-data and run `GANCORE_DATA=.gpu-data bash bench/gpu_check.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gancore-gpu}
@@ -17,6 +18,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 export GANCORE_CACHE=${GANCORE_CACHE:-/tmp/gancore-cache}
 : "${GANCORE_DATA:?set GANCORE_DATA to the folder holding mnist.npz}"
 export GANCORE_DATA
+if ls "$GANCORE_DATA"/whl/*.whl >/dev/null 2>&1; then  # carried wheels (bench/gpu_carry.sh)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gancore-site \
+        "$GANCORE_DATA"/whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/gancore-site"
+fi
+if [ -d "$GANCORE_DATA/extractors" ]; then  # the same lenet_mnist as the CPU runs, not one retrained there
+    mkdir -p "$GANCORE_CACHE/extractors" && cp "$GANCORE_DATA"/extractors/* "$GANCORE_CACHE/extractors/"
+fi
 
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 
@@ -31,10 +39,12 @@ echo "== 3. K trials per GPU (aggregate throughput), recorded for sweeps' worker
 timeout 120 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 | tee "$OUT/trials.log"
 cp "$GANCORE_CACHE/trials_per_device.json" "$OUT/" 2>/dev/null
 
-echo "== 4. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path"
+echo "== 4. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path, then a final 10k FID"
+fid=(eval.n_samples=10000 eval.extractor=lenet_mnist "eval.metrics=[fid]")  # metric name: fid_lenet_10k
+$PY -c "import torch_fidelity" 2>/dev/null || { fid=(); echo "no torch-fidelity here (bench/gpu_carry.sh): no FID"; }
 start=$EPOCHREALTIME
 timeout 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
-    train.progress=false train.checkpoint_every=10000 --out /tmp/gancore-full > "$OUT/full.log" 2>&1
+    train.progress=false train.checkpoint_every=10000 "${fid[@]}" --out /tmp/gancore-full > "$OUT/full.log" 2>&1
 rc=$?
 tail -5 "$OUT/full.log"
 $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
