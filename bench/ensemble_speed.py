@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check-steps", type=int, default=5, help="steps of the exactness check (0: skip)")
     a = ap.parse_args()
+    if min(a.k) < 1 or a.steps < 1 or a.batch < 1 or a.check_steps < 0:
+        ap.error("--k, --steps and --batch must be positive, --check-steps at least 0")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; use --device cpu")

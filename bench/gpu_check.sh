@@ -2,6 +2,7 @@
 # The fast path's GPU check in one go (issue "Fast path"): the GPU tests, the speed table, K trials per GPU, the
 # full 100-epoch MNIST DCGAN preset and batched ensembles. Sized for one 10-minute call on an H100/H200 (each part
 # has its own timeout, so a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
+# `timeout -k`: a training run takes SIGTERM as "checkpoint and stop", so KILL follows 10 s later.
 #
 #   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh
 #
@@ -29,21 +30,21 @@ fi
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 
 echo "== 1. exactness and capture tests (tests/test_fast_path.py)"
-timeout 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log"
+timeout -k 10 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log"
 
 echo "== 2. speed: reports' loop vs gancore variants, batch 64 and 256"
-timeout 200 $PY bench/train_speed.py --steps 300 --batch 64 256 --profile --json "$OUT/train_speed.json" \
+timeout -k 10 200 $PY bench/train_speed.py --steps 300 --batch 64 256 --profile --json "$OUT/train_speed.json" \
     --modes eager compile cudagraph compile_cudagraph cudagraph+bf16 cudagraph+bf16+cl 2>&1 | tee "$OUT/train_speed.log"
 
 echo "== 3. K trials per GPU (aggregate throughput), recorded for sweeps' workers: auto"
-timeout 120 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 | tee "$OUT/trials.log"
+timeout -k 10 120 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 | tee "$OUT/trials.log"
 cp "$GANCORE_CACHE/trials_per_device.json" "$OUT/" 2>/dev/null
 
 echo "== 4. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path, then a final 10k FID"
 fid=(eval.n_samples=10000 eval.extractor=lenet_mnist "eval.metrics=[fid]")  # metric name: fid_lenet_10k
 $PY -c "import torch_fidelity" 2>/dev/null || { fid=(); echo "no torch-fidelity here (bench/gpu_carry.sh): no FID"; }
 start=$EPOCHREALTIME
-timeout 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
+timeout -k 10 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
     train.progress=false train.checkpoint_every=10000 "${fid[@]}" --out /tmp/gancore-full > "$OUT/full.log" 2>&1
 rc=$?
 tail -5 "$OUT/full.log"
@@ -51,4 +52,4 @@ $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s
     "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
 
 echo "== 5. batched ensembles: K DCGANs as one vmapped model vs the same K one after another (last: may be cut)"
-timeout 60 $PY bench/ensemble_speed.py --k 1 2 4 8 --steps 50 2>&1 | tee "$OUT/ensemble.log"
+timeout -k 10 60 $PY bench/ensemble_speed.py --k 1 2 4 8 --steps 50 2>&1 | tee "$OUT/ensemble.log"

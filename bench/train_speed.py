@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gancore.config import CHOICES  # noqa: E402  (light: no torch)
+
 WARM = 20  # steps of the shorter run (covers 3 warm-up steps + the capture)
 
 
@@ -91,13 +93,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+MODES = ("eager", *CHOICES["train.compile"][1:])  # eager = train.compile=none
+EXTRAS = {"bf16": ["train.mixed_precision=bf16"], "cl": ["train.channels_last=true"]}
+
+
 def _overrides(variant: str, batch: int) -> list[str]:
     mode, *extras = variant.split("+")
     over = [f"optim.batch_size={batch}", "train.progress=false", "track.enabled=false",
             f"train.compile={'none' if mode == 'eager' else mode}", "train.log_every=100",
             f"track.image_every={10**9}", "train.checkpoint_every=1000000", "train.snapshot_epochs=[]"]
     for e in extras:
-        over += {"bf16": ["train.mixed_precision=bf16"], "cl": ["train.channels_last=true"]}[e]
+        over += EXTRAS[e]
     return over
 
 
@@ -107,7 +113,10 @@ def gancore_run(variant: str, batch: int, n: int, out: Path) -> float:
     from gancore.trainer import fit
 
     cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*_overrides(variant, batch), f"train.max_steps={n}"])
-    return fit(cfg, out=Path(tempfile.mkdtemp(prefix=out.name + "-", dir=out.parent))).loop_seconds  # a fresh dir
+    r = fit(cfg, out=Path(tempfile.mkdtemp(prefix=out.name + "-", dir=out.parent)))  # a fresh dir
+    if r.status != "finished":  # SIGTERM/SIGINT stop a run with a checkpoint; here they stop the benchmark
+        raise SystemExit(f"interrupted: a {variant} run stopped at step {r.step}/{n} (signal {r.stop_signal})")
+    return r.loop_seconds
 
 
 def gancore_loop(variant: str, batch: int, steps: int, tmp: Path) -> float:
@@ -142,6 +151,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also GPU kernel ms/step (launch- vs compute-bound)")
     ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args()
+    for v in args.modes:
+        mode, *extras = v.split("+")
+        if mode not in MODES or not set(extras) <= set(EXTRAS):
+            ap.error(f"unknown variant {v!r}: a mode ({', '.join(MODES)}) with optional suffixes "
+                     f"{', '.join('+' + e for e in EXTRAS)}, e.g. cudagraph+bf16")
+    if args.steps < 1 or min(args.batch) < 1 or args.repeats < 1:
+        ap.error("--steps, --batch and --repeats must be positive")
 
     import torch
 
@@ -159,6 +175,10 @@ def main() -> None:
 
     def show(label: str, b: int, ms: float, base: float | None, kernel=None) -> None:
         """One table row; `kernel()` -> GPU kernel ms per step (--profile)."""
+        if ms <= 0:  # a differential time: the run-to-run noise exceeded the extra steps' cost
+            print(f"{label:30s} {b:5d}  n/a: below the timing noise at {args.steps} steps; use more --steps")
+            rows.append({"variant": label, "batch": b, "ms_per_step": None})
+            return
         row = {"variant": label, "batch": b, "ms_per_step": ms, "images_per_s": 1000 * b / ms,
                "speedup": (base / ms) if base else None}
         line = f"{label:30s} {b:5d} {ms:9.2f} {1000 * b / ms:9.0f} " + (f"{base / ms:8.2f}x" if base else f"{'-':>9s}")

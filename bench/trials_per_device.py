@@ -42,7 +42,10 @@ def _trial(i: int, k: int, args: dict, barrier, out) -> None:
         t0 = time.time()
         r = fit(load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*over, f"train.max_steps={args['steps']}"]),
                 out=tmp / f"t{k}-{i}")
-        out.put((i, t0, time.time(), r.loop_seconds, None))
+        end = time.time()
+        if r.status != "finished":  # a signal stopped the run (checkpoint and stop): no valid measurement
+            raise RuntimeError(f"interrupted at step {r.step}/{args['steps']} (signal {r.stop_signal})")
+        out.put((i, t0, end, r.loop_seconds, None))
     except Exception as e:  # reported by the parent (a K that does not fit in memory, say)
         out.put((i, 0.0, 0.0, 0.0, f"{type(e).__name__}: {e}"))
 
@@ -72,6 +75,13 @@ def main() -> None:
     ap.add_argument("--mode", default="none", help="train.compile of every trial (none, cudagraph, ...)")
     ap.add_argument("--save", action="store_true", help="record the best K for `jobs/sweep.py --workers auto`")
     a = ap.parse_args()
+    from gancore.config import CHOICES
+
+    modes = CHOICES["train.compile"]
+    if a.mode not in modes:
+        ap.error(f"--mode {a.mode!r}: expected one of {', '.join(modes)}")
+    if min(a.k) < 1 or a.steps < 1 or a.batch < 1:
+        ap.error("--k, --steps and --batch must be positive")
 
     from gancore import fast
 
