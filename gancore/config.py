@@ -239,6 +239,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        # YAML 1.1 reads a bare no / yes (also off, false, ...) as a bool: train.mixed_precision=no means "no"
+        if isinstance(value, bool) and ("yes" if value else "no") in CHOICES.get(key, ()):
+            return "yes" if value else "no"
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported annotation {tp} for {key}")
 

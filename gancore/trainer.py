@@ -150,8 +150,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
     family = build_family(cfg, image_shape, num_classes)
     fast_plan = fast.plan(cfg.train.compile, accelerator.device, accelerator.num_processes, cfg.train.mixed_precision)
-    if is_main and fast_plan.notice:
-        print(fast_plan.notice, flush=True)
+    for notice in (fast_plan.notice, fast.precision_notice(accelerator.device, cfg.train.mixed_precision)):
+        if is_main and notice:
+            print(notice, flush=True)
     if cfg.train.channels_last:
         fast.to_channels_last(family.networks)
     if fast_plan.compile:

@@ -43,6 +43,18 @@ def test_bad_values(override, fragment):
         load_config(None, [override])
 
 
+def test_bare_no_is_the_string_no(tmp_path):
+    """YAML 1.1 reads a bare `no` as False; a choice field whose choices include "no" takes it as "no"."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(p).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: expected a string, got True"):
+        load_config(None, ["train.mixed_precision=yes"])  # no "yes" among the choices
+    with pytest.raises(ConfigError, match="model.arch: expected a string, got False"):
+        load_config(None, ["model.arch=no"])  # not a choice field
+
+
 def test_unknown_key_in_yaml(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("optim:\n  lr: 0.1\n")

@@ -49,6 +49,19 @@ def test_plan_per_mode_and_machine():
         assert "\n" not in p.notice
 
 
+@needs_mnist
+def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(fast, "cpu_has_bf16", lambda: False)
+    note = fast.precision_notice(cpu, "bf16")
+    assert "no native bf16" in note and "train.mixed_precision=no" in note and "\n" not in note
+    assert fast.precision_notice(cpu, "no") is None and fast.precision_notice(gpu, "bf16") is None
+    fit(tiny("train.mixed_precision=bf16", "train.max_steps=1"), out=tmp_path / "run")  # the run goes on, warned
+    assert capsys.readouterr().out.count("no native bf16") == 1
+    monkeypatch.setattr(fast, "cpu_has_bf16", lambda: True)
+    assert fast.precision_notice(cpu, "bf16") is None
+
+
 def test_adam_options_and_restore_after_load():
     cfg = load_config(None, ["model.arch=mlp", "model.nz=8", "train.compile=cudagraph"])
     fam = FAMILIES["gan"](cfg, (1, 28, 28), 10)
