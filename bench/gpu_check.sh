@@ -4,7 +4,10 @@
 # has its own timeout, so a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
 # `timeout -k`: a training run takes SIGTERM as "checkpoint and stop", so KILL follows 10 s later.
 #
-#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh
+#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh [PART ...]     # default: all, 1 to 5
+#
+# Parts, most important first (timeouts sum to 555 s): 1 GPU tests (120 s), 2 the 100-epoch preset + final FID
+# (150 s), 3 the speed table (150 s), 4 K trials per GPU (90 s), 5 vmapped ensembles (45 s).
 #
 # Needs torch (CUDA), accelerate, numpy, scipy, pyyaml, rich, matplotlib, h5py and pytest; tracking is off, so MLflow
 # and Optuna are not needed. The device machine of this workplace has all of these in its own python3. Prepare the
@@ -12,6 +15,11 @@
 # torch-fidelity wheel), carry .gpu-data and run `GANCORE_DATA=.gpu-data bash bench/gpu_check.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PARTS=("$@")
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(1 2 3 4 5)
+for p in "${PARTS[@]}"; do
+    case $p in [1-5]) ;; *) echo "error: unknown part '$p'; parts are 1-5 (bash bench/gpu_check.sh [PART ...])" >&2; exit 2;; esac
+done
 OUT=${OUT:-/tmp/gancore-gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -29,27 +37,41 @@ fi
 
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 
-echo "== 1. exactness and capture tests (tests/test_fast_path.py)"
-timeout -k 10 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log"
+part1() {
+    echo "== 1. exactness and capture tests (tests/test_fast_path.py)"
+    timeout -k 10 120 $PY -m pytest -q -ra -p no:cacheprovider tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log"
+}
 
-echo "== 2. speed: reports' loop vs gancore variants, batch 64 and 256"
-timeout -k 10 200 $PY bench/train_speed.py --steps 300 --batch 64 256 --profile --json "$OUT/train_speed.json" \
-    --modes eager compile cudagraph compile_cudagraph cudagraph+bf16 cudagraph+bf16+cl 2>&1 | tee "$OUT/train_speed.log"
+part2() {
+    echo "== 2. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path, then a final 10k FID"
+    local fid=(eval.n_samples=10000 eval.extractor=lenet_mnist "eval.metrics=[fid]")  # metric: fid_lenet_10k
+    $PY -c "import torch_fidelity" 2>/dev/null || { fid=(); echo "no torch-fidelity here (bench/gpu_carry.sh): no FID"; }
+    local start=$EPOCHREALTIME rc
+    # on timeout the run checkpoints and stops: its last line gives the step it reached
+    timeout -k 10 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
+        train.progress=false train.checkpoint_every=10000 "${fid[@]}" --out /tmp/gancore-full > "$OUT/full.log" 2>&1
+    rc=$?
+    tail -5 "$OUT/full.log"
+    $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
+        "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
+}
 
-echo "== 3. K trials per GPU (aggregate throughput), recorded for sweeps' workers: auto"
-timeout -k 10 120 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 | tee "$OUT/trials.log"
-cp "$GANCORE_CACHE/trials_per_device.json" "$OUT/" 2>/dev/null
+part3() {
+    echo "== 3. speed: reports' loop vs gancore variants, batch 64 then 256 (rows print as they are measured)"
+    timeout -k 10 150 $PY bench/train_speed.py --steps 300 --batch 64 256 --profile --json "$OUT/train_speed.json" \
+        --modes eager cudagraph compile_cudagraph cudagraph+bf16 compile 2>&1 | tee "$OUT/train_speed.log"
+}
 
-echo "== 4. the full preset: 100 epochs of the MNIST DCGAN (93,700 steps), fast path, then a final 10k FID"
-fid=(eval.n_samples=10000 eval.extractor=lenet_mnist "eval.metrics=[fid]")  # metric name: fid_lenet_10k
-$PY -c "import torch_fidelity" 2>/dev/null || { fid=(); echo "no torch-fidelity here (bench/gpu_carry.sh): no FID"; }
-start=$EPOCHREALTIME
-timeout -k 10 150 $PY jobs/train.py --config configs/mnist_dcgan.yaml train.compile=cudagraph track.enabled=false \
-    train.progress=false train.checkpoint_every=10000 "${fid[@]}" --out /tmp/gancore-full > "$OUT/full.log" 2>&1
-rc=$?
-tail -5 "$OUT/full.log"
-$PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
-    "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
+part4() {
+    echo "== 4. K trials per GPU (aggregate throughput), recorded for sweeps' workers: auto"
+    timeout -k 10 90 $PY bench/trials_per_device.py --k 1 2 4 8 --steps 300 --mode cudagraph --save 2>&1 \
+        | tee "$OUT/trials.log"
+    cp "$GANCORE_CACHE/trials_per_device.json" "$OUT/" 2>/dev/null
+}
 
-echo "== 5. batched ensembles: K DCGANs as one vmapped model vs the same K one after another (last: may be cut)"
-timeout -k 10 60 $PY bench/ensemble_speed.py --k 1 2 4 8 --steps 50 2>&1 | tee "$OUT/ensemble.log"
+part5() {
+    echo "== 5. batched ensembles: K DCGANs as one vmapped model vs the same K one after another"
+    timeout -k 10 45 $PY bench/ensemble_speed.py --k 1 2 4 8 --steps 50 2>&1 | tee "$OUT/ensemble.log"
+}
+
+for p in "${PARTS[@]}"; do "part$p"; done

@@ -196,23 +196,30 @@ def main() -> None:
             return None if short is None else (long - short) / args.steps
         return per_step
 
+    def save() -> None:  # after every row: a run stopped by a timeout keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "steps": args.steps,
+                                                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+
     for b in args.batch:
-        # --repeats R: the variants alternate R times; each row is the fastest (least disturbed) of its R runs
+        # --repeats R: the variants alternate R times; each row is the fastest (least disturbed) of its R runs and
+        # prints as soon as its last run is done
         times: dict[str, list[float]] = {}
-        for _ in range(args.repeats):
+        base = None
+        for r in range(args.repeats):
+            last = r == args.repeats - 1
             if not args.no_baseline:
                 times.setdefault("reports loop (BASELINE)", []).append(reports_loop(x, b, args.steps, device))
+                if last:
+                    base = min(times["reports loop (BASELINE)"])
+                    show("reports loop (BASELINE)", b, base, base, lambda: _none_or(
+                        kernel_ms(lambda: reports_loop(x, b, args.steps, device)), lambda k: k / (args.steps + 5)))
+                    save()
             for v in args.modes:
                 times.setdefault(f"gancore {v}", []).append(gancore_loop(v, b, args.steps, tmp))
-        base = min(times["reports loop (BASELINE)"]) if not args.no_baseline else None
-        if base is not None:
-            show("reports loop (BASELINE)", b, base, base, lambda: _none_or(
-                kernel_ms(lambda: reports_loop(x, b, args.steps, device)), lambda k: k / (args.steps + 5)))
-        for v in args.modes:
-            show(f"gancore {v}", b, min(times[f"gancore {v}"]), base, gancore_kernel(v, b))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "steps": args.steps,
-                                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+                if last:
+                    show(f"gancore {v}", b, min(times[f"gancore {v}"]), base, gancore_kernel(v, b))
+                    save()
 
 
 def _none_or(v, f):
