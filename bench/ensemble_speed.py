@@ -138,14 +138,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def check(k: int, steps: int, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:
+def check(k: int, steps: int, data: torch.Tensor, device: torch.device, dtype: torch.dtype, batch: int = 64) -> float:
     """Largest relative difference ||w_seq - w_vmap|| / ||w_seq|| over each member's G and D (all weights of a
     network as one vector) after `steps` identical steps. Per-tensor figures mislead here: the biases in front of a
     BatchNorm get gradients of rounding-noise size, and Adam turns any noise into full-size steps."""
     seq, vm = Sequential(_models(k, device, dtype)), Vmapped(_models(k, device, dtype))
     gen = torch.Generator().manual_seed(7)
     for _ in range(steps):
-        real, z = (t.to(dtype) for t in _inputs(data, k, 64, 100, gen))
+        real, z = (t.to(dtype) for t in _inputs(data, k, batch, 100, gen))
         seq.step(real, z)
         vm.step(real, z)
     worst = 0.0
