@@ -48,7 +48,6 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-
 # Parallel runs (`make test`: pytest -n 2 --dist loadfile --no-loadscope-reorder). Each test file is one unit of
 # work, so module- and session-scoped fixtures (a trained extractor, an MLflow server, a reference run) are built
 # once, and all Slurm tests live in test_slurm.py, so only one worker submits to the single-node cluster at a time.
