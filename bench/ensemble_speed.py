@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
@@ -37,18 +35,25 @@ from torch.func import functional_call, stack_module_state, vmap
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gancore.config import load_config  # noqa: E402
+from gancore.config import DataConfig, load_config  # noqa: E402
+from gancore.data import load_images  # noqa: E402
+from gancore.errors import DataError  # noqa: E402
 from gancore.registry import MODELS  # noqa: E402
 import gancore.models  # noqa: E402,F401  (registers the architectures)
 
 
 def _real_data(device: torch.device) -> torch.Tensor:
-    root = Path(os.environ.get("GANCORE_DATA", ROOT / "data"))
-    path = root / "mnist.npz"
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; set GANCORE_DATA to the folder that holds mnist.npz")
-    x = torch.from_numpy(np.load(path)["x_train"][:8192]).float().div(127.5).sub(1).unsqueeze(1)
-    return x.to(device)
+    """The first 8192 MNIST training digits in [-1, 1], (N, 1, 28, 28), through gancore's loader (GANCORE_DATA)."""
+    try:
+        x, _ = load_images(DataConfig(name="mnist", subset=8192))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    return x.float().div(127.5).sub(1).to(device)
+
+
+def _bce_mean(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """BCE with logits against a constant target, averaged over each member's batch: (..., B, 1) -> (...)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="none").mean((-2, -1))
 
 
 def _models(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.nn.Module]]:
@@ -77,13 +82,12 @@ class Sequential:
             G, D = mem["G"], mem["D"]
             fake = G(z[i])
             lr, lf = D(real[i]), D(fake.detach())
-            d = F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr)) + \
-                F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
+            d = _bce_mean(lr, 1.0) + _bce_mean(lf, 0.0)
             opt["D"].zero_grad(set_to_none=True)
             d.backward()
             opt["D"].step()
             lg = D(fake)
-            g = F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg))
+            g = _bce_mean(lg, 1.0)
             opt["G"].zero_grad(set_to_none=True)
             g.backward()
             opt["G"].step()
@@ -112,13 +116,12 @@ class Vmapped:
         fake = self._call("G", z)  # (K, B, 1, 28, 28)
         lr, lf = self._call("D", real), self._call("D", fake.detach())
         # each member's mean loss, summed over members: member i's gradient is exactly its own loss's gradient
-        d = (F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr), reduction="none").mean((1, 2)) +
-             F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf), reduction="none").mean((1, 2))).sum()
+        d = (_bce_mean(lr, 1.0) + _bce_mean(lf, 0.0)).sum()
         self.opt["D"].zero_grad(set_to_none=True)
         d.backward()
         self.opt["D"].step()
         lg = self._call("D", fake)
-        g = F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg), reduction="none").mean((1, 2)).sum()
+        g = _bce_mean(lg, 1.0).sum()
         self.opt["G"].zero_grad(set_to_none=True)
         g.backward()
         self.opt["G"].step()

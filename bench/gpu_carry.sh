@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packs what bench/gpu_check.sh needs on a GPU machine without internet into .gpu-data/ (git-ignored, about 12 MB):
+# Packs what bench/gpu_check.sh needs on a GPU machine without internet into .gpu-data/ (git-ignored, about 10 MB):
 # mnist.npz, the lenet_mnist domain extractor (trained here once if it is missing: ~1 min on a CPU) and
 # torch-fidelity's wheel (pure Python; the preset's final 10k FID imports it). Then, on the GPU machine:
 #
