@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from gancore.config import load_config
-    from gancore.trainer import fit
+    from gancore.train.loop import fit
 
     tmp = Path(tempfile.mkdtemp(prefix="gancore-bench-"))
     base = [f"train.max_steps={args.steps}", "train.progress=false", "track.experiment=bench",

@@ -8,7 +8,7 @@ BASELINE: the loop the reference reports use, written here as they write it (cle
 a torchvision-style Dataset with ToTensor/Normalize transforms, a shuffling DataLoader, fp32, `.item()` on both
 losses every step. Same networks, loss, instance noise and Adam settings as configs/mnist_dcgan.yaml.
 
-gancore variants run the real trainer (`gancore.trainer.fit`, tracking off) with `train.compile=MODE`
+gancore variants run the real trainer (`gancore.train.loop.fit`, tracking off) with `train.compile=MODE`
 (eager = none, compile, cudagraph, compile_cudagraph; `MODE+bf16` adds train.mixed_precision=bf16, `MODE+cl`
 train.channels_last=true). A variant's ms/step is differential: (loop time of a run of W + steps steps - loop time
 of a run of W steps) / steps, so set-up, compilation, the warm-up steps and the graph capture cancel out.
@@ -110,7 +110,7 @@ def _overrides(variant: str, batch: int) -> list[str]:
 def gancore_run(variant: str, batch: int, n: int, out: Path) -> float:
     """Loop seconds of one run of the real trainer for n steps."""
     from gancore.config import load_config
-    from gancore.trainer import fit
+    from gancore.train.loop import fit
 
     cfg = load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*_overrides(variant, batch), f"train.max_steps={n}"])
     r = fit(cfg, out=Path(tempfile.mkdtemp(prefix=out.name + "-", dir=out.parent)))  # a fresh dir

@@ -3,11 +3,12 @@
 
     python bench/trials_per_device.py [--k 1 2 4 8] [--steps 300] [--mode cudagraph] [--batch 64] [--save]
 
-Each of the K processes runs the real trainer (`gancore.trainer.fit`, tracking off) on the MNIST DCGAN preset:
+Each of the K processes runs the real trainer (`gancore.train.loop.fit`, tracking off) on the MNIST DCGAN preset:
 first a short warm-up run (imports, data, compilation), then all K wait at a barrier and each trains `--steps`
 steps. Aggregate images/s = K * steps * batch / (last end - first start). On a CPU the cores are split between the
 processes (torch threads = cores // K, at least 1). `--save` records the best K for this device and mode in
-$GANCORE_CACHE/trials_per_device.json, which `jobs/sweep.py --workers auto` (the default) then uses.
+$GANCORE_CACHE/trials_per_device.json (gancore/sweep/devices.py), which `jobs/sweep.py --workers auto` (the default)
+then uses.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _trial(i: int, k: int, args: dict, barrier, out) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // k))
     from gancore.config import load_config
-    from gancore.trainer import fit
+    from gancore.train.loop import fit
 
     over = [f"optim.batch_size={args['batch']}", "train.progress=false", "track.enabled=false",
             f"train.compile={args['mode']}", "train.log_every=100", f"track.image_every={10**9}",
@@ -83,10 +84,10 @@ def main() -> None:
     if min(a.k) < 1 or a.steps < 1 or a.batch < 1:
         ap.error("--k, --steps and --batch must be positive")
 
-    from gancore import fast
+    from gancore.sweep import devices
 
     args = {"steps": a.steps, "batch": a.batch, "mode": a.mode, "tmp": tempfile.mkdtemp(prefix="gancore-trials-")}
-    print(f"device {fast.device_name()}, train.compile={a.mode}, batch {a.batch}, {a.steps} steps per trial, "
+    print(f"device {devices.device_name()}, train.compile={a.mode}, batch {a.batch}, {a.steps} steps per trial, "
           f"{time.strftime('%Y-%m-%d')}")
     print(f"{'K':>3s} {'aggregate img/s':>16s} {'vs K=1':>7s} {'ms/step per trial':>18s}")
     table: dict[int, float] = {}
@@ -98,8 +99,8 @@ def main() -> None:
     best = max(table, key=lambda k: table[k])
     print(f"best K = {best}")
     if a.save:
-        _, path = fast.record_trials_per_device(a.mode, table, {"batch": a.batch, "steps": a.steps,
-                                                               "date": time.strftime("%Y-%m-%d")})
+        _, path = devices.record_trials_per_device(a.mode, table, {"batch": a.batch, "steps": a.steps,
+                                                                  "date": time.strftime("%Y-%m-%d")})
         print(f"saved to {path}; jobs/sweep.py --workers auto now starts {best} worker(s) per device")
 
 

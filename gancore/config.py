@@ -20,11 +20,17 @@ from typing import Any
 import yaml
 
 from gancore.errors import ConfigError
+from gancore.io import atomic_write
 
 
 def infra(default: Any) -> Any:
     """A field that does not change the result (kept out of MLflow params and resume checks)."""
     return field(default=default, metadata={"infra": True})
+
+
+def family_section(default: Any, *families: str) -> Any:
+    """A section only the named families read (gancore/families/): kept out of other families' MLflow params."""
+    return field(default=default, metadata={"families": families})
 
 
 @dataclass(frozen=True)
@@ -167,9 +173,10 @@ class Config:
     train: TrainConfig = TrainConfig()
     track: TrackConfig = TrackConfig()
     eval: EvalConfig = EvalConfig()
-    vae: VAEConfig = VAEConfig()
-    ganomaly: GANomalyConfig = GANomalyConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
+    # family sections: read only by the families named here; a run logs only its own family's section
+    vae: VAEConfig = family_section(VAEConfig(), "vae")
+    ganomaly: GANomalyConfig = family_section(GANomalyConfig(), "ganomaly")
+    diffusion: DiffusionConfig = family_section(DiffusionConfig(), "diffusion", "denoiser_report")
 
 
 # Values checked beyond their type: key -> allowed values.
@@ -190,6 +197,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.extractor": ("auto", "inception", "lenet_mnist", "lenet_fashion_mnist", "cifar_classifier"),
     "eval.real_split": ("data", "train", "test"),
 }
+COMPILED = ("compile", "compile_cudagraph")  # train.compile modes that torch.compile the networks
+CAPTURED = ("cudagraph", "compile_cudagraph")  # train.compile modes that capture the whole step (gancore/train/fast.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +209,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -208,15 +217,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return coerce(value, inner[0], key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -286,7 +295,7 @@ def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[k] = from_dict(v, tp, key + ".")
         else:
-            val = _coerce(v, tp, key)
+            val = coerce(v, tp, key)
             if key in CHOICES and val not in CHOICES[key]:
                 raise ConfigError(f"{key}: {val!r} is not one of {', '.join(CHOICES[key])}")
             kwargs[k] = val
@@ -318,6 +327,13 @@ def flat(cfg: Any, include_infra: bool = False, prefix: str = "") -> dict[str, A
         else:
             out[prefix + f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def hyperparams(cfg: Config) -> dict[str, Any]:
+    """What MLflow logs as a run's params: `flat(cfg)` without the sections of families other than cfg.family."""
+    foreign = [f.name + "." for f in dataclasses.fields(cfg)
+               if f.metadata.get("families") and cfg.family not in f.metadata["families"]]
+    return {k: v for k, v in flat(cfg).items() if not k.startswith(tuple(foreign))}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -398,7 +414,7 @@ def _yaml_scalar(v: Any) -> str:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def resume_differences(saved: dict[str, Any], cfg: Config) -> list[str]:

@@ -10,7 +10,6 @@ Decoded arrays are cached as plain .npy (LZMA-compressed npz takes seconds to de
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,18 +19,10 @@ import torch.nn.functional as F
 
 from gancore.config import DataConfig
 from gancore.errors import DataError
+from gancore.io import atomic_write, cache_dir, data_root
 from gancore.registry import DATASETS
 
 Arrays = tuple[np.ndarray, np.ndarray]  # x (N, H, W[, C]) uint8, y (N,) int
-
-
-def data_root(cfg: DataConfig) -> Path:
-    """Where datasets are looked for: data.root, $GANCORE_DATA, ./data (in that order)."""
-    return Path(cfg.root or os.environ.get("GANCORE_DATA") or "data").expanduser()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GANCORE_CACHE") or Path.home() / ".cache" / "gancore")
 
 
 def _missing(name: str, looked: list[Path], hint: str) -> DataError:
@@ -55,11 +46,7 @@ def _cached_npz(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"cannot read {k!r} from {path}: {e}") from None
         try:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, f)  # atomic: a concurrent reader sees the old state or the whole file
+            atomic_write(f, lambda fh: np.save(fh, arr))  # a concurrent reader sees no file or the whole one
         except OSError:
             pass  # a read-only cache is not an error
         out.append(arr)
@@ -85,7 +72,7 @@ def _torchvision(cls_name: str, root: Path, train: bool, download: bool) -> Arra
 
 def _mnist_like(name: str, npz_name: str, tv_name: str) -> Callable[[DataConfig], Arrays]:
     def load(cfg: DataConfig) -> Arrays:
-        root = data_root(cfg)
+        root = data_root(cfg.root)
         npz = root / npz_name
         if npz.is_file():
             s = "train" if cfg.split == "train" else "test"
@@ -105,7 +92,7 @@ DATASETS.register("fashion_mnist")(_mnist_like("fashion_mnist", "fashion_mnist.n
 
 @DATASETS.register("cifar10")
 def _cifar10(cfg: DataConfig) -> Arrays:
-    root = data_root(cfg)
+    root = data_root(cfg.root)
     d = root / "cifar10"
     files = [d / f"train_{k}.npz" for k in range(5)] if cfg.split == "train" else [d / "test.npz"]
     if all(f.is_file() for f in files):

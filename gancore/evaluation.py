@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gancore import checkpoint as ckpt
+from gancore.train import state as ckpt
 from gancore.errors import CheckpointError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -40,7 +40,7 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
                         log: bool = True, uri: str | None = None, seed: int = 0) -> tuple[dict[str, float], str | None]:
     """FID/IS/KID/PR of a trained generator; logged into its MLflow run (at the checkpoint's step) when known."""
     from gancore.metrics import evaluate
-    from gancore.trainer import load_family
+    from gancore.train.state import load_family
 
     path, run_id = resolve_target(target, uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -50,18 +50,7 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     sample = lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))  # noqa: E731
     values = evaluate(cfg, sample, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True)
     if log and run_id and cfg.track.enabled:
-        from gancore.tracking import MLflowTracker
+        from gancore.tracking import log_to_run
 
-        tracker = MLflowTracker(uri or cfg.track.uri, cfg.track.experiment)
-        status = tracker_status(tracker, run_id)
-        tracker.start(cfg, Path(state.get("run_dir", path.parent.parent)), run_id=run_id)
-        tracker.log_metrics(values, int(state["step"]))
-        tracker.finish(status)
+        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri)
     return values, run_id
-
-
-def tracker_status(tracker, run_id: str) -> str:
-    """The run's current status, so that logging an evaluation does not change it."""
-    from gancore.tracking import open_run_info
-
-    return open_run_info(run_id, tracker.uri)["status"]

@@ -27,7 +27,7 @@ def sample_uint8(family, n: int, seed: int = 0, batch_size: int = 500) -> tuple[
 def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = None, seed: int = 0,
              batch_size: int = 500, device: str = "cpu") -> Path:
     """Load the checkpoint, draw n samples, write them; returns the output path."""
-    from gancore.trainer import load_family
+    from gancore.train.state import load_family
 
     if n <= 0:
         raise GancoreError("-n must be positive")

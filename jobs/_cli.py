@@ -9,20 +9,24 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout
 
-from gancore.errors import GancoreError  # noqa: E402
+from gancore.errors import EXIT_INTERRUPTED, EXIT_OK, GancoreError  # noqa: E402
+
+
+def call(main: Callable[[], int | None]) -> int:
+    """Call main() and return its exit code; a GancoreError prints `error: ...` on one line and gives its code."""
+    try:
+        return main() or EXIT_OK
+    except GancoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Call main(); a GancoreError prints `error: ...` on one line and exits with its code."""
-    try:
-        code = main()
-    except GancoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+    """The jobs' entry point: exit with `call(main)`'s code."""
+    sys.exit(call(main))
 
 
 def quiet_third_party() -> None:

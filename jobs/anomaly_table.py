@@ -12,7 +12,7 @@ import argparse
 
 from _cli import quiet_third_party, run
 
-EXIT_STOPPED = 75
+from gancore.errors import EXIT_STOPPED
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
 
     from rich.console import Console
 
-    from gancore.families.ganomaly import anomaly_table, rich_table
+    from gancore.experiments.anomaly_table import anomaly_table, rich_table
 
     rows, out, complete = anomaly_table(args.config, args.digits, args.overrides, args.out)
     Console().print(rich_table(rows))

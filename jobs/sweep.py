@@ -48,26 +48,14 @@ def main() -> int:
     args = ap.parse_args()
     quiet_third_party()
 
-    from gancore.sweep import SweepError, WorkerContext, load_sweep, run_sweep, worker
+    from gancore.sweep import load_sweep, run_sweep, run_worker
 
     sweep = load_sweep(args.sweep, storage=args.storage, n_trials=args.n_trials, timeout_s=args.timeout_s,
                        out=args.out)
     if args.worker:
-        import os
-
-        from gancore.sweep import PARENT_ATTR, open_storage, open_study
-
-        if os.environ.get("SLURM_JOB_ID") and sweep.storage_url.startswith("sqlite"):
-            raise SweepError("Slurm workers need --storage postgresql://... or journal:/shared/path (SQLite's file "
-                             "locking is unreliable on network file systems)")
-
-        study = open_study(sweep, open_storage(sweep.storage_url))
-        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-        return worker(WorkerContext(sweep, study.user_attrs.get(PARENT_ATTR), task,
-                                    stream=len(study.get_trials(deepcopy=False)) * 1009 + task))
+        return run_worker(sweep)
     return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,
                      prepare_only=args.prepare)
-
 
 if __name__ == "__main__":
     run(main)

@@ -12,7 +12,7 @@ import os
 
 from _cli import quiet_third_party, run
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on SIGUSR1/SIGTERM after writing a checkpoint; requeue and resume
+from gancore.errors import EXIT_STOPPED
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     quiet_third_party()
 
     from gancore.config import load_config
-    from gancore.trainer import fit
+    from gancore.train.loop import fit
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)

@@ -22,22 +22,25 @@
 # study (any worker resumes it from that checkpoint, in the same MLflow run) and exits 75; this script then
 # requeues the job. A hard kill leaves the trial RUNNING until its heartbeat goes stale (RDB storage).
 #
+# Resource defaults: the --time/--nodes/--cpus-per-task/--mem lines mirror gancore/cluster/resources.py (Resources),
+# as the sweep file's `slurm:` section does; tests/test_launch_local.py checks that they agree. A worker that reaches
+# the time limit checkpoints and requeues like any other stop. Options on the sbatch command line win over them.
+#
 #SBATCH --job-name=gancore-sweep
 #SBATCH --output=logs/%x-%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
-#SBATCH --time=12:00:00
+#SBATCH --time=4:00:00
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=8
-#SBATCH --mem=32G
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=16G
 ## one GPU per worker (a worker trains one trial at a time):
 ##SBATCH --gpus=1
 
 set -uo pipefail
-
-EXIT_STOPPED=75  # jobs/sweep.py --worker: stopped by a signal, its trial re-queued
+SCRIPT=sweep.sh
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     echo "error: submit this with sbatch --array=0-N slurm/sweep.sh SWEEP.yaml --storage URL, or use" \
@@ -45,50 +48,22 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
     exit 2
 fi
 ROOT="${GANCORE_ROOT:-$SLURM_SUBMIT_DIR}"  # sbatch runs a spooled copy: find the checkout from the submit dir
-if [[ ! -f $ROOT/jobs/sweep.py ]]; then
+if [[ ! -f $ROOT/jobs/sweep.py || ! -f $ROOT/slurm/common.sh ]]; then
     echo "error: $ROOT/jobs/sweep.py not found; submit from the gancore checkout or set GANCORE_ROOT" >&2
     exit 2
 fi
-PYTHON="${GANCORE_PYTHON:-}"
-if [[ -z $PYTHON ]]; then
-    if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=slurm/common.sh
+source "$ROOT/slurm/common.sh"  # EXIT_STOPPED (the worker's exit after a signal: trial re-queued), PYTHON, ...
 
-echo "sweep.sh: job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0} (restart ${SLURM_RESTART_COUNT:-0})" \
-     "on $(hostname -s): $PYTHON $ROOT/jobs/sweep.py $* --worker"
+log "job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0} (restart ${SLURM_RESTART_COUNT:-0})" \
+    "on $(hostname -s): $PYTHON $ROOT/jobs/sweep.py $* --worker"
 
-child=""
-trapped=0
-signalled=""
-forward() {  # $1: signal name
-    trapped=1
-    signalled=$1
-    echo "sweep.sh: got SIG$1; forwarding to the worker (it checkpoints, re-queues its trial, exits $EXIT_STOPPED)"
-    [[ -n $child ]] && kill -s "$1" "$child" 2>/dev/null
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "$PYTHON" "$ROOT/jobs/sweep.py" "$@" --worker &
-child=$!
-
-# `wait` returns early (>128) when a trapped signal arrives; wait again until the step has really ended.
-while :; do
-    trapped=0
-    wait "$child"
-    rc=$?
-    ((trapped)) && kill -0 "$child" 2>/dev/null && continue
-    if ((trapped)); then
-        wait "$child" 2>/dev/null
-        r=$?
-        ((r != 127)) && rc=$r
-    fi
-    break
-done
+run_forwarding "the worker (it checkpoints, re-queues its trial, exits $EXIT_STOPPED)" \
+    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "$PYTHON" "$ROOT/jobs/sweep.py" "$@" --worker
 
 # Requeue after a checkpointed stop on the time-limit/preemption warning; not after SIGTERM (scancel).
 if ((rc == EXIT_STOPPED)) && [[ $signalled != TERM ]]; then
-    echo "sweep.sh: worker stopped (exit $rc${signalled:+ after SIG$signalled}); requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID" || echo "sweep.sh: scontrol requeue failed (already requeued or cancelled?)"
+    log "worker stopped (exit $rc${signalled:+ after SIG$signalled}); requeueing job $SLURM_JOB_ID"
+    requeue_job
 fi
 exit "$rc"

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from gancore import checkpoint as ckpt
+from gancore.train import state as ckpt
 from gancore.errors import ConfigError
-from gancore.families.ganomaly import GANomaly, anomaly_table, auroc
+from gancore.experiments.anomaly_table import anomaly_table
+from gancore.families.ganomaly import GANomaly, auroc
 from gancore.families.vae import VAE, kl_divergence
-from gancore.trainer import fit
+from gancore.train.loop import fit
 from conftest import ROOT, needs_mnist, tiny
 
 # small GANomaly networks so a CPU step takes milliseconds; the preset's 64/128/256 convs are shape-tested below
@@ -40,9 +41,9 @@ def _changed(before, net) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def _one_step(family, phase, batch):
+def _one_step(family, phase, batch, step=None):
     opt = family.optimizers[phase.optimizer]
-    loss, stats = phase.loss(batch)
+    loss, stats = phase.loss(batch, {} if step is None else step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -94,7 +95,7 @@ def test_vae_beta_weights_kl():
     torch.manual_seed(0)
     fam = VAE(tiny("vae.beta=4", config="configs/mnist_vae.yaml"), (1, 28, 28), 10)
     batch = fam.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), None)
-    loss, s = fam.loss(batch)
+    loss, s = fam.loss(batch, {})
     assert loss.item() == pytest.approx((s["Loss/recon"] + 4 * s["Loss/kl"]).item(), rel=1e-6)
 
 
@@ -134,17 +135,18 @@ def test_ganomaly_shapes_and_one_step(disc):
     assert x_hat.abs().max() <= 1  # tanh
     assert D(z if disc == "latent" else batch.x).shape == (6, 1)
     bg, bd = _params(G), _params(D)
-    _, gs = _one_step(fam, fam.phases[0], batch)
+    step = {}  # the StepContext the two phases share
+    _, gs = _one_step(fam, fam.phases[0], batch, step)
     assert {"Loss/G", "Loss/adv", "Loss/con", "Loss/enc"} <= set(gs)
     w = fam.cfg.ganomaly
     assert gs["Loss/G"].item() == pytest.approx(
         (w.w_adv * gs["Loss/adv"] + w.w_con * gs["Loss/con"] + w.w_enc * gs["Loss/enc"]).item(), rel=1e-5)
     assert _changed(bg, G) and not _changed(bd, D)
-    _, ds = _one_step(fam, fam.phases[1], batch)  # reuses the G phase's batch and reconstructions
+    _, ds = _one_step(fam, fam.phases[1], batch, step)  # reuses the G phase's batch and reconstructions
     assert "Loss/D" in ds and math.isfinite(ds["Loss/D"].item())
     assert _changed(bd, D)
     with pytest.raises(RuntimeError, match="after its G phase"):
-        fam.phases[1].loss(batch)
+        fam.phases[1].loss(batch, {})
 
 
 def test_ganomaly_needs_a_normal_class_and_power_of_two_size():

@@ -14,14 +14,15 @@ Stated tolerances.
 import pytest
 import torch
 
-from gancore import checkpoint as ckpt
-from gancore import fast
+from gancore.train import state as ckpt
+from gancore.train import fast
 from gancore.config import load_config
-from gancore.ema import EMA
+from gancore.train.ema import EMA
 from gancore.families.base import Batch
+from gancore.families.base import adam_options
 from gancore.registry import FAMILIES
-from gancore.stats import StatsAccumulator
-from gancore.trainer import fit
+from gancore.train.stats import StatsAccumulator
+from gancore.train.loop import fit
 from conftest import needs_mnist, tiny
 
 STEPS = 50
@@ -77,7 +78,7 @@ def test_adam_options_and_restore_after_load():
     plain = torch.optim.Adam([p], lr=0.1)
     plain.load_state_dict(fused.state_dict())
     assert plain.param_groups[0]["fused"] is True  # what load_state_dict does on its own
-    fast.restore_adam_options(plain, fast.adam_options("none"))
+    fast.restore_adam_options(plain, adam_options("none"))
     assert plain.param_groups[0]["fused"] is None and plain.param_groups[0]["capturable"] is False
     assert plain.state[p]["step"].device.type == "cpu" and float(plain.state[p]["step"]) == 1.0
     plain.step()
@@ -199,12 +200,12 @@ def test_static_step_is_bit_identical_to_the_plain_loop(tmp_path, capsys, one_th
 
 def _grads(fam, batch):
     """Loss and flattened gradients of every phase of one step, without optimiser updates."""
-    out = []
+    out, step = [], {}
     for phase in fam.phases:
         for net in fam.networks.values():
             net.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same noise inside each phase for both variants
-        loss, _ = phase.loss(batch)
+        loss, _ = phase.loss(batch, step)
         loss.backward()
         params = [p for group in fam.optimizers[phase.optimizer].param_groups for p in group["params"]]
         out.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
@@ -273,8 +274,8 @@ def test_capture_failure_falls_back_with_one_line(tmp_path, capsys, monkeypatch)
 
     d_loss = GAN.d_loss
 
-    def reads_the_host(self, batch):  # data-dependent control flow: cannot be captured
-        loss, stats = d_loss(self, batch)
+    def reads_the_host(self, batch, step):  # data-dependent control flow: cannot be captured
+        loss, stats = d_loss(self, batch, step)
         return (loss * 2 if loss.item() > 100 else loss), stats
 
     monkeypatch.setattr(GAN, "d_loss", reads_the_host)

@@ -1,7 +1,8 @@
-"""gancore.launch without Slurm: the local executor returns results, checkpoint() resumes, run lists, CLI errors."""
+"""gancore.cluster without Slurm: the local executor returns results, checkpoint() resumes, run lists, CLI errors."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -10,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, needs_mnist
-from gancore import checkpoint as ckpt
-from gancore import launch
+from gancore.cluster.job import TrainJob
+from gancore.cluster.rendezvous import master_port, rendezvous_env
+from gancore.cluster.resources import Resources, parse_mem_gb, parse_time_min
+from gancore.cluster.runs import collect, expand_runs, parse_seeds, read_sweep_file, result_lines, submit_runs
+from gancore.errors import LaunchError
+from gancore.train import state as ckpt
 
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 TINY = ["data.subset=64", "optim.batch_size=32", "train.epochs=1", "train.progress=false", "train.log_every=1",
@@ -22,8 +27,8 @@ SUBMIT = [sys.executable, str(ROOT / "jobs" / "submit.py")]
 @needs_mnist
 def test_local_executor_runs_and_returns_the_result(tmp_path):
     store = tmp_path / "mlruns" / "mlflow.db"
-    runs = launch.expand_runs([*TINY, f"track.uri=sqlite:///{store}"])
-    (sub,) = launch.submit_runs("local", CONFIG, runs, launch.Resources(time="20"), out="r", folder=tmp_path / "sub")
+    runs = expand_runs([*TINY, f"track.uri=sqlite:///{store}"])
+    (sub,) = submit_runs("local", CONFIG, runs, Resources(time="20"), out="r", folder=tmp_path / "sub")
     assert sub.job_obj.out == str(tmp_path / "r") and sub.job_obj.resume is None
     result = sub.job.result()
     assert result.status == "finished" and result.step == result.total_steps == 2
@@ -31,7 +36,7 @@ def test_local_executor_runs_and_returns_the_result(tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(f"sqlite:///{store}").get_run(result.run_id).info.status == "FINISHED"
-    assert launch.result_lines(launch.collect([sub]))[0].endswith(f"finished 2/2 steps; MLflow run {result.run_id}; run dir r")
+    assert result_lines(collect([sub]))[0].endswith(f"finished 2/2 steps; MLflow run {result.run_id}; run dir r")
 
 
 @needs_mnist
@@ -39,13 +44,13 @@ def test_checkpoint_resubmits_the_same_run_with_resume_auto(tmp_path):
     import submitit
 
     from gancore.config import load_config
-    from gancore.trainer import fit
+    from gancore.train.loop import fit
 
-    job = launch.TrainJob(CONFIG, tuple([*TINY, "train.epochs=2", "track.enabled=false"]), str(tmp_path / "r"))
+    job = TrainJob(CONFIG, tuple([*TINY, "train.epochs=2", "track.enabled=false"]), str(tmp_path / "r"))
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     again = delayed.function
-    assert isinstance(again, launch.TrainJob) and again is not job
+    assert isinstance(again, TrainJob) and again is not job
     assert (again.resume, again.out, again.overrides, again.config) == ("auto", job.out, job.overrides, job.config)
     assert delayed.args == () and delayed.kwargs == {}
     assert job.resume is None  # the original is unchanged
@@ -68,15 +73,15 @@ class SignalHandler:
 
 @pytest.mark.parametrize("sig,requeued", [(signal.SIGUSR2, True), (signal.SIGUSR1, True), (signal.SIGTERM, False)])
 def test_stopped_job_hands_over_to_submitit_except_on_sigterm(tmp_path, monkeypatch, sig, requeued):
-    import gancore.trainer
-    from gancore.trainer import RunResult
+    import gancore.train.loop
+    from gancore.train.loop import RunResult
 
     stopped = RunResult(tmp_path, "rid", 3, 8, "stopped", tmp_path / "c.pt", stop_signal=sig)
-    monkeypatch.setattr(gancore.trainer, "fit", lambda cfg, out, resume: stopped)
+    monkeypatch.setattr(gancore.train.loop, "fit", lambda cfg, out, resume: stopped)
     handler = SignalHandler()
     old = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
     try:
-        assert launch.TrainJob(CONFIG, tuple(TINY), str(tmp_path / "r"))() is stopped
+        assert TrainJob(CONFIG, tuple(TINY), str(tmp_path / "r"))() is stopped
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert handler.calls == ([signal.SIGUSR2] if requeued else [])  # SIGTERM = scancel: requeueing would undo it
@@ -85,9 +90,9 @@ def test_stopped_job_hands_over_to_submitit_except_on_sigterm(tmp_path, monkeypa
 def test_run_lists_cross_sets_and_seeds(tmp_path):
     f = tmp_path / "sets.txt"
     f.write_text("# lr sweep\noptim.lr_g=1e-4 optim.lr_d=1e-4\n\noptim.lr_g=2e-4  # default\n")
-    sets = launch.read_sweep_file(f)
+    sets = read_sweep_file(f)
     assert sets == [["optim.lr_g=1e-4", "optim.lr_d=1e-4"], ["optim.lr_g=2e-4"]]
-    runs = launch.expand_runs(["train.epochs=1"], sets, [0, 1])
+    runs = expand_runs(["train.epochs=1"], sets, [0, 1])
     assert [r.overrides for r in runs] == [
         ("train.epochs=1", "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.seed=0"),
         ("train.epochs=1", "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.seed=1"),
@@ -95,27 +100,52 @@ def test_run_lists_cross_sets_and_seeds(tmp_path):
         ("train.epochs=1", "optim.lr_g=2e-4", "train.seed=1"),
     ]
     assert runs[3].label == "optim.lr_g=2e-4 train.seed=1"
-    assert [r.overrides for r in launch.expand_runs(["a=1"])] == [("a=1",)]
-    assert launch.parse_seeds("0, 1,2") == [0, 1, 2]
-    with pytest.raises(launch.LaunchError, match="bad --seeds"):
-        launch.parse_seeds("0,x")
+    assert [r.overrides for r in expand_runs(["a=1"])] == [("a=1",)]
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    with pytest.raises(LaunchError, match="bad --seeds"):
+        parse_seeds("0,x")
 
 
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("4:00:00", 240), ("1:30", 2), ("1-00:00:00", 1440), ("2-12", 3600)])
 def test_parse_time(text, minutes):
-    assert launch.parse_time_min(text) == minutes
+    assert parse_time_min(text) == minutes
 
 
 def test_parse_mem_and_bad_values():
-    assert launch.parse_mem_gb("16G") == 16 and launch.parse_mem_gb("512M") == 0.5 and launch.parse_mem_gb("2") == 2
-    with pytest.raises(launch.LaunchError, match="bad --mem"):
-        launch.parse_mem_gb("lots")
-    with pytest.raises(launch.LaunchError, match="bad --time"):
-        launch.parse_time_min("4h")
+    assert parse_mem_gb("16G") == 16 and parse_mem_gb("512M") == 0.5 and parse_mem_gb("2") == 2
+    with pytest.raises(LaunchError, match="bad --mem"):
+        parse_mem_gb("lots")
+    with pytest.raises(LaunchError, match="bad --time"):
+        parse_time_min("4h")
 
 
 def test_master_port_from_job_id():
-    assert launch.master_port("123") == 20123 and launch.master_port("45_3") == 20453 and launch.master_port(None) == 20000
+    assert master_port("123") == 20123 and master_port("45_3") == 20453 and master_port(None) == 20000
+
+
+def test_rendezvous_env_two_nodes_of_four_tasks():
+    hosts = ["node-a", "node-b"]
+    envs = [rendezvous_env("4711", hosts, num_tasks=8, num_nodes=2, global_rank=r, local_rank=r % 4) for r in range(8)]
+    assert [e["RANK"] for e in envs] == [str(r) for r in range(8)]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2", "3"] * 2
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"]) for e in envs} == {
+        ("node-a", "24711", "8", "4")}
+
+
+def test_rendezvous_cli_prints_what_train_sh_evals(capsys):
+    from gancore.cluster import rendezvous
+
+    assert rendezvous.main(["--job-id", "4711", "--tasks", "8", "--nodes", "2", "node-a", "node-b"]) == 0
+    assert capsys.readouterr().out == "export MASTER_ADDR=node-a MASTER_PORT=24711 WORLD_SIZE=8 LOCAL_WORLD_SIZE=4\n"
+
+
+@pytest.mark.parametrize("script", ["train.sh", "sweep.sh"])
+def test_sbatch_headers_mirror_the_resource_defaults(script):
+    text = (ROOT / "slurm" / script).read_text()
+    header = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.MULTILINE))
+    res = Resources()
+    assert (header["nodes"], header["cpus-per-task"], header["mem"]) == (str(res.nodes), str(res.cpus), res.mem)
+    assert parse_time_min(header["time"]) == parse_time_min(res.time)
 
 
 @needs_mnist

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, needs_mnist
-from gancore import checkpoint as ckpt
-from gancore.launch import slurm_problem
+from gancore.train import state as ckpt
+from gancore.cluster.resources import slurm_problem
 
 _PROBLEM = slurm_problem()
 _REQUIRED = os.environ.get("GANCORE_REQUIRE_SLURM") == "1"  # .ci/run started Slurm: a skip would hide a failure
@@ -254,13 +254,14 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path, jobs, reference):
 
 
 def test_preempted_submitit_job_checkpoints_and_resumes(tmp_path, jobs, reference, monkeypatch):
-    from gancore import launch
+    from gancore.cluster.resources import Resources
+    from gancore.cluster.runs import expand_runs, submit_runs
 
     store = tmp_path / "mlruns" / "mlflow.db"
-    res = launch.Resources(cpus=1, mem="2G", time="20", partition="debug")
+    res = Resources(cpus=1, mem="2G", time="20", partition="debug")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # sbatch (called by submitit) passes this environment on
-    (sub,) = launch.submit_runs("slurm", CONFIG, launch.expand_runs([*LONG, f"track.uri=sqlite:///{store}"]),
-                                res, out="victim", folder=tmp_path / "submitit")
+    (sub,) = submit_runs("slurm", CONFIG, expand_runs([*LONG, f"track.uri=sqlite:///{store}"]),
+                         res, out="victim", folder=tmp_path / "submitit")
     jid = str(sub.job.job_id)
     jobs.append(jid)
     wait_for_checkpoint(tmp_path / "victim", jid)

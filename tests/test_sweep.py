@@ -18,6 +18,13 @@ from mlflow.tracking import MlflowClient
 from gancore import sweep as sw
 from gancore.config import load_config
 from gancore.sweep import SweepError, load_sweep
+from gancore.sweep import devices as sweep_devices
+from gancore.sweep import run as sweep_run
+from gancore.sweep import spec as sweep_spec
+from gancore.sweep import storage as sweep_storage
+from gancore.sweep import workers as sweep_workers
+from gancore.sweep.objective import Objective
+from gancore.tracking.sweep_runs import ChildRun
 from conftest import ROOT, needs_mnist
 
 OBJ = "fid_lenet_200"
@@ -97,10 +104,10 @@ def test_sweep_file_is_validated_strictly(tmp_path, change, message):
 
 def test_trial_config_applies_a_tied_parameter_to_every_key(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path))
-    cfg = sw.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}, 7)
+    cfg = sweep_spec.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}, 7)
     assert (cfg.optim.lr_g, cfg.optim.lr_d, cfg.model.nz, cfg.optim.d_iters) == (3e-4, 3e-4, 32, 2)
     assert cfg.name == "tiny-trial0007" and cfg.train.max_steps == 4 and not cfg.train.progress
-    assert sw.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}).name == "tiny-best"
+    assert sweep_spec.trial_config(sweep, {"lr": 3e-4, "model.nz": 32, "optim.d_iters": 2}).name == "tiny-best"
     assert sweep.storage_url == f"sqlite:///{tmp_path / 'sweeps' / 'tiny' / 'optuna.db'}"
 
 
@@ -110,11 +117,11 @@ def test_trial_config_applies_a_tied_parameter_to_every_key(tmp_path):
 
 def test_median_pruner_prunes_a_worse_report_at_the_same_step(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, pruner={"name": "median", "n_startup_trials": 1}))
-    study = optuna.create_study(direction="minimize", pruner=sw._pruner(sweep))
-    obj = sw.Objective(sweep, parent_id=None)
+    study = optuna.create_study(direction="minimize", pruner=sweep_storage._pruner(sweep))
+    obj = Objective(sweep, parent_id=None)
 
     def hook(trial):  # what the trainer calls after each evaluation
-        return obj.on_eval(trial, sw.ChildRun(sweep, None, trial, tmp_path, {}))
+        return obj.on_eval(trial, ChildRun(sweep, None, trial, tmp_path, {}))
 
     t0 = study.ask()
     hook(t0)(2, {OBJ: 100.0, "is_lenet_200": 1.0})
@@ -140,11 +147,11 @@ class PruneTrial(optuna.pruners.BasePruner):
 def test_diverged_trial_fails_pruned_trial_stops_early_and_the_study_goes_on(tmp_path, monkeypatch):
     space = {**SPACE, "lr": {**SPACE["lr"], "high": 1.0e31}}
     sweep = load_sweep(sweep_file(tmp_path, study="wiring", n_trials=3, space=space))
-    study, parent = sw.prepare(sweep)
+    study, parent = sweep_run.prepare(sweep)
     study.enqueue_trial({"lr": 1e30, "model.nz": 16, "optim.d_iters": 1})  # Adam at lr 1e30: NaN at step 1
     study.enqueue_trial({"lr": 2e-4, "model.nz": 16, "optim.d_iters": 1})  # pruned at its first evaluation
     study.enqueue_trial({"lr": 3e-4, "model.nz": 32, "optim.d_iters": 1})
-    monkeypatch.setattr(sw, "_pruner", lambda s: PruneTrial(1))
+    monkeypatch.setattr(sweep_storage, "_pruner", lambda s: PruneTrial(1))
     assert sw.worker(sw.WorkerContext(sweep, parent, index=0, stream=0)) == 0
 
     t = trials(sweep)
@@ -291,24 +298,22 @@ def test_unreachable_storage_is_one_line_and_exit_2_within_seconds(tmp_path):
 def test_auto_workers_use_the_measured_best_k(tmp_path, monkeypatch):
     import torch
 
-    from gancore import fast
-
     monkeypatch.setenv("GANCORE_CACHE", str(tmp_path / "cache"))
     sweep = load_sweep(sweep_file(tmp_path, workers="auto"))
     assert sweep.workers == "auto"
     devices = max(1, torch.cuda.device_count())
-    n, why = sw.auto_workers(sweep, "local")
-    assert n == fast.DEFAULT_TRIALS_PER_DEVICE * devices and "measure with bench/trials_per_device.py" in why
-    best, path = fast.record_trials_per_device("none", {1: 100.0, 2: 180.0, 4: 240.0, 8: 230.0})
+    n, why = sweep_workers.auto_workers(sweep, "local")
+    assert n == sweep_devices.DEFAULT_TRIALS_PER_DEVICE * devices and "measure with bench/trials_per_device.py" in why
+    best, path = sweep_devices.record_trials_per_device("none", {1: 100.0, 2: 180.0, 4: 240.0, 8: 230.0})
     assert best == 4 and path == tmp_path / "cache" / "trials_per_device.json"
-    n, why = sw.auto_workers(sweep, "local")
+    n, why = sweep_workers.auto_workers(sweep, "local")
     assert n == 4 * devices and "measured on" in why
     # a measurement under another train.compile mode on this device is the next best guess
-    assert fast.trials_per_device("cudagraph")[0] == 4
-    assert sw.auto_workers(sweep, "slurm")[0] == fast.DEFAULT_TRIALS_PER_DEVICE
+    assert sweep_devices.trials_per_device("cudagraph")[0] == 4
+    assert sweep_workers.auto_workers(sweep, "slurm")[0] == sweep_devices.DEFAULT_TRIALS_PER_DEVICE
     path.write_text("{not json")
-    assert fast.trials_per_device("none") == (fast.DEFAULT_TRIALS_PER_DEVICE,
-                                              "default; measure with bench/trials_per_device.py --save")
+    assert sweep_devices.trials_per_device("none") == (sweep_devices.DEFAULT_TRIALS_PER_DEVICE,
+                                                       "default; measure with bench/trials_per_device.py --save")
     with pytest.raises(SweepError, match="workers: expected a positive integer or auto, got 'many'"):
         load_sweep(sweep_file(tmp_path, study="bad", workers="many"))
 

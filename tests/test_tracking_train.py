@@ -3,8 +3,8 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gancore.config import flat
-from gancore.trainer import fit
+from gancore.config import hyperparams
+from gancore.train.loop import fit
 from conftest import needs_mnist, tiny
 
 pytestmark = needs_mnist
@@ -32,7 +32,7 @@ def test_training_run_is_fully_recorded(tmp_path):
     client = MlflowClient(tracking_uri=_uri(tmp_path))
     run = client.get_run(r.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "quickstart"
-    assert run.data.params == {k: str(v) for k, v in flat(cfg).items()}
+    assert run.data.params == {k: str(v) for k, v in hyperparams(cfg).items()}
     assert run.data.tags["gancore.preset"] == "quickstart"
     # 8 steps, log_every 2 -> a value at steps 2, 4, 6, 8 (epoch ends at 4 and 8 coincide)
     for key in ("Loss/D", "Loss/G", "D/real", "D/fake", "D/acc", "images_per_s", "epoch", "lr/G"):

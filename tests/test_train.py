@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from gancore import checkpoint as ckpt
+from gancore.train import state as ckpt
 from gancore.errors import CheckpointError, NonFiniteLossError
-from gancore.trainer import fit
+from gancore.train.loop import fit
 from conftest import ROOT, needs_mnist, tiny
 
 pytestmark = needs_mnist
@@ -100,9 +100,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = GAN.g_loss
 
-    def poisoned(self, batch):
+    def poisoned(self, batch, step):
         calls["n"] += 1
-        loss, stats = orig(self, batch)
+        loss, stats = orig(self, batch, step)
         if calls["n"] >= 5:  # step 5 goes bad
             loss = loss * float("nan")
             stats = {**stats, "Loss/G": loss.detach()}

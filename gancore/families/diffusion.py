@@ -1,5 +1,8 @@
 """Diffusion on the one trainer (shared/STYLE.md #13: the process is one object, the network another).
 
+Owns: the Gaussian diffusion process (`beta_schedule`, `GaussianDiffusion`) and the two families that train a
+denoiser (`diffusion`, `denoiser_report`), their samplers, figures and metrics.
+
 `GaussianDiffusion` is the process: beta schedule, q(x_t | x_0), the eps-prediction loss with label dropout for
 classifier-free guidance, ancestral DDPM and DDIM sampling. It knows nothing of networks beyond calling
 `model(x_t, t, y)`. Two families drive it or its report-era predecessor:
@@ -16,19 +19,17 @@ sampling draws only from the fixed inputs and generators seeded from them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gancore import plots
 from gancore.config import Config
 from gancore.errors import ConfigError, DataError
-from gancore.families.base import Batch, Family, Phase, Stats
+from gancore.families.base import Batch, Family, Phase, Stats, StepContext, eval_mode, labelled_grid, load_test_split
+from gancore.progress import track
 from gancore.registry import FAMILIES, MODELS
 
 
@@ -129,7 +130,7 @@ class GaussianDiffusion:
         if generator is None:
             raise ValueError("p_sample_loop needs a generator (sampling must not draw from the global RNG)")
         x = noise.float()
-        for i in _steps(range(self.T - 1, -1, -1), progress, "DDPM sampling"):
+        for i in track(range(self.T - 1, -1, -1), "DDPM sampling", self.T, progress):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             x0, _ = self._x0_eps(model, x, t, y, guidance, null_class)
             mean = self._at("post_c1", t, x.ndim) * x0 + self._at("post_c2", t, x.ndim) * x
@@ -154,7 +155,7 @@ class GaussianDiffusion:
             raise ValueError("DDIM with eta > 0 needs a generator (sampling must not draw from the global RNG)")
         x = noise.float()
         ts = self.ddim_timesteps(steps)
-        for k in _steps(range(len(ts)), progress, "DDIM sampling"):
+        for k in track(range(len(ts)), "DDIM sampling", len(ts), progress):
             t = torch.full((x.shape[0],), ts[k], dtype=torch.long, device=x.device)
             x0, eps = self._x0_eps(model, x, t, y, guidance, null_class)
             if k == len(ts) - 1:
@@ -169,33 +170,6 @@ class GaussianDiffusion:
         return x
 
 
-def _steps(seq: Sequence[int], enabled: bool, what: str) -> Iterator[int]:
-    """Iterate `seq` with a transient rich progress bar when asked and stdout is a terminal (STYLE #12: rich)."""
-    if enabled:
-        from rich import get_console
-
-        enabled = get_console().is_terminal
-    if not enabled:
-        yield from seq
-        return
-    from rich.errors import LiveError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-    try:
-        bar.start()
-    except LiveError:  # rich < 14.1 allows one live display: the trainer's bar is already up
-        yield from seq
-        return
-    try:
-        task = bar.add_task(what, total=len(seq))
-        for s in seq:
-            yield s
-            bar.advance(task)
-    finally:
-        bar.stop()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The families
 
@@ -205,46 +179,8 @@ def _build_denoiser(cfg: Config, image_shape: tuple[int, int, int], num_classes:
     return MODELS[cfg.model.arch](cfg.model, image_shape, num_classes, diffusion=cfg.diffusion)["denoiser"]
 
 
-class _Eval:
-    """Context: a network in eval mode (dropout off), its training flag restored afterwards."""
-
-    def __init__(self, net: nn.Module):
-        self.net, self.was = net, net.training
-
-    def __enter__(self) -> nn.Module:
-        self.net.eval()
-        return self.net
-
-    def __exit__(self, *exc) -> None:
-        self.net.train(self.was)
-
-
-def _labelled_grid(images: torch.Tensor, nrow: int, path: Path, title: str, col_labels: list[str] | None = None,
-                   row_labels: list[str] | None = None) -> Path:
-    """uint8 images in rows of `nrow` as one matplotlib figure with column / row labels."""
-    import matplotlib.pyplot as plt
-
-    arr = plots.grid(images, nrow)
-    h, w = images.shape[-2:]
-    rows = math.ceil(images.shape[0] / nrow)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * nrow, 0.6 + 0.9 * rows))
-    ax.imshow(arr)
-    ax.set_xticks([2 + (w + 2) * i + w / 2 for i in range(nrow)] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], fontsize=8)
-    ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(rows)] if row_labels else [])
-    ax.set_yticklabels(row_labels or [], fontsize=8)
-    ax.tick_params(length=0)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-@FAMILIES.register("diffusion")
-class Diffusion(Family):
-    """Class-conditional DDPM: one network eps_theta(x_t, t, y), one phase, sampled by DDIM or ancestral DDPM."""
+class _Denoising(Family):
+    """What both denoising families share: one network D(x, y) (model.arch), one Adam, one phase on `self.loss`."""
 
     generator_name = "denoiser"
     headline = ("Loss/mse",)
@@ -254,29 +190,38 @@ class Diffusion(Family):
         net = _build_denoiser(cfg, image_shape, num_classes)
         self.networks = {"denoiser": net}
         self.optimizers = {"denoiser": self.adam(net.parameters(), cfg.optim.lr_g)}
-        self.process = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-        self.null_class = num_classes  # the label embedding's extra row
         self.phases = [Phase("denoise", "denoiser", self.loss)]
 
-    def loss(self, batch: Batch):
+
+@FAMILIES.register("diffusion")
+class Diffusion(_Denoising):
+    """Class-conditional DDPM: one network eps_theta(x_t, t, y), one phase, sampled by DDIM or ancestral DDPM."""
+
+    def __init__(self, cfg: Config, image_shape: tuple[int, int, int], num_classes: int):
+        super().__init__(cfg, image_shape, num_classes)
+        self.process = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+        self.null_class = num_classes  # the label embedding's extra row
+
+    def loss(self, batch: Batch, step: StepContext):
         return self.process.training_loss(self.networks["denoiser"], batch.x, batch.y, self.cfg.diffusion.p_uncond,
                                           self.null_class)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         noise = torch.randn(n, *self.image_shape, generator=generator)  # x_T
-        y = torch.arange(n) % self.num_classes  # grid rows cycle through the classes
+        y = self.grid_labels(n)
         seed = torch.randint(0, 2 ** 62, (1,), generator=generator)  # seeds the per-step noise (DDPM, DDIM eta > 0)
         return {"noise": noise, "y": y, "seed": seed}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
-        inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
+        inputs = self.sample_inputs(n, generator, inputs)
         d, dev = self.cfg.diffusion, self.device
         noise, y = inputs["noise"][:n].to(dev), inputs["y"][:n].to(dev)
         g = torch.Generator(device=dev).manual_seed(int(inputs["seed"][0]) if "seed" in inputs else 0)
         common = dict(guidance=d.guidance, null_class=self.null_class, generator=g, progress=self.cfg.train.progress)
-        with _Eval(self.sampler_network()) as net:
+        net = self.sampler_network()
+        with eval_mode(net):
             if d.sampler == "ddim":
                 return self.process.ddim_sample_loop(net, noise, y, d.sample_steps, d.ddim_eta, **common)
             return self.process.p_sample_loop(net, noise, y, **common)
@@ -292,9 +237,9 @@ class Diffusion(Family):
         x = self.to_uint8(self.sample(rows * cols, inputs=inputs))
         d = self.cfg.diffusion
         how = f"DDIM {d.sample_steps} steps" if d.sampler == "ddim" else f"DDPM {self.process.T} steps"
-        paths = [_labelled_grid(x, cols, out_dir / "samples_per_class.png",
-                                f"samples per class ({how}, guidance {d.guidance:g})",
-                                row_labels=[str(c) for c in range(rows)])]
+        paths = [labelled_grid(x, cols, out_dir / "samples_per_class.png",
+                               f"samples per class ({how}, guidance {d.guidance:g})",
+                               row_labels=[str(c) for c in range(rows)])]
 
         x0 = self.prepare(data["x"][:6], None).x  # (6, C, H, W) in [-1, 1]
         T = self.process.T
@@ -302,30 +247,23 @@ class Diffusion(Family):
         noise = torch.randn(x0.shape, generator=g)
         cols_t = [self.process.q_sample(x0, torch.full((x0.shape[0],), t), noise) for t in ts]  # same noise per t
         grid = torch.stack(cols_t, 1).flatten(0, 1)  # (6 * len(ts), C, H, W): one row per image
-        paths.append(_labelled_grid(self.to_uint8(grid), len(ts), out_dir / "forward_process.png",
-                                    f"forward process q(x_t | x_0), {d.schedule} schedule, T={T}",
-                                    col_labels=[f"t={t + 1}" for t in ts]))
+        paths.append(labelled_grid(self.to_uint8(grid), len(ts), out_dir / "forward_process.png",
+                                   f"forward process q(x_t | x_0), {d.schedule} schedule, T={T}",
+                                   col_labels=[f"t={t + 1}" for t in ts]))
         return paths
 
 
 @FAMILIES.register("denoiser_report")
-class ReportDenoiser(Family):
+class ReportDenoiser(_Denoising):
     """The report's model: D(x + sigma eps, y) -> x at ONE fixed sigma, MSE, Adam. Not a generative sampler: its
     `sample` denoises a fixed noisy batch of held-out images (the dataset's test split), one per class in turn."""
 
-    generator_name = "denoiser"
-    headline = ("Loss/mse",)
-
     def __init__(self, cfg: Config, image_shape: tuple[int, int, int], num_classes: int):
         super().__init__(cfg, image_shape, num_classes)
-        net = _build_denoiser(cfg, image_shape, num_classes)
-        self.networks = {"denoiser": net}
-        self.optimizers = {"denoiser": self.adam(net.parameters(), cfg.optim.lr_g)}
         self.sigma = cfg.diffusion.sigma
-        self.phases = [Phase("denoise", "denoiser", self.loss)]
         self._heldout: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def loss(self, batch: Batch):
+    def loss(self, batch: Batch, step: StepContext):
         noisy = batch.x + self.sigma * torch.randn_like(batch.x)
         mse = F.mse_loss(self.networks["denoiser"](noisy, batch.y).float(), batch.x)
         return mse, {"Loss/mse": mse.detach(), "Loss/total": mse.detach()}
@@ -336,14 +274,14 @@ class ReportDenoiser(Family):
             from gancore.data import load_images
 
             try:
-                self._heldout = load_images(dataclasses.replace(self.cfg.data, split="test", subset=0))
+                self._heldout = load_test_split(self.cfg, 0, every_class=False)
             except DataError:
                 self._heldout = load_images(self.cfg.data)
         return self._heldout
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x, labels = self.heldout()
-        y = torch.arange(n) % self.num_classes  # rows cycle through the classes, like the other families' grids
+        y = self.grid_labels(n)
         idx = torch.empty(n, dtype=torch.long)
         for c in range(self.num_classes):
             want = (y == c).nonzero().flatten()
@@ -356,10 +294,11 @@ class ReportDenoiser(Family):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
-        inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
+        inputs = self.sample_inputs(n, generator, inputs)
         dev = self.device
         noisy = inputs["x0"][:n].to(dev) + self.sigma * inputs["noise"][:n].to(dev)
-        with _Eval(self.sampler_network()) as net:
+        net = self.sampler_network()
+        with eval_mode(net):
             return net(noisy, inputs["y"][:n].to(dev)).float()
 
     def figures(self, out_dir: Path, data: dict) -> list[Path]:
@@ -369,9 +308,9 @@ class ReportDenoiser(Family):
         noisy = inputs["x0"] + self.sigma * inputs["noise"]
         out = self.sample(k, inputs=inputs).cpu()
         rows = torch.cat([self.to_uint8(inputs["x0"]), self.to_uint8(noisy), self.to_uint8(out)])
-        return [_labelled_grid(rows, k, Path(out_dir) / "denoise_examples.png",
-                               f"one-level denoiser at sigma={self.sigma:g} (held-out images)",
-                               col_labels=[str(int(c)) for c in inputs["y"]], row_labels=["clean", "noisy", "denoised"])]
+        return [labelled_grid(rows, k, Path(out_dir) / "denoise_examples.png",
+                              f"one-level denoiser at sigma={self.sigma:g} (held-out images)",
+                              col_labels=[str(int(c)) for c in inputs["y"]], row_labels=["clean", "noisy", "denoised"])]
 
     def evaluate(self, data: dict) -> dict[str, float]:
         """PSNR (dB, images in [0, 1]) of the noisy input and of the output against 1000 held-out images."""

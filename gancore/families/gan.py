@@ -1,11 +1,12 @@
-"""The GAN family: networks G and D, an adversarial loss object, D x d_iters then G per step."""
+"""The GAN family (owns: the GAN family object): networks G and D, an adversarial loss object (gancore.losses),
+D x d_iters then G per step, samples G(z[, y]) from a fixed or fresh z."""
 
 from __future__ import annotations
 
 import torch
 
 from gancore.config import Config
-from gancore.families.base import Batch, Family, Phase
+from gancore.families.base import Batch, Family, Phase, StepContext, eval_mode
 from gancore.losses import InstanceNoise, make_loss
 from gancore.registry import FAMILIES, MODELS
 
@@ -27,7 +28,6 @@ class GAN(Family):
         self.noise = InstanceNoise(cfg.loss.instance_noise)
         self.nz = cfg.model.nz
         self.conditional = cfg.model.conditional
-        self._fake: tuple | None = None  # (G(z), labels) of the last D step, consumed by the G phase
         self.phases = [
             Phase("D", "D", self.d_loss, repeats=cfg.optim.d_iters),  # a fresh real batch per D step
             Phase("G", "G", self.g_loss, fresh_batch=False),
@@ -37,25 +37,24 @@ class GAN(Family):
         # conditional fakes take the real batch's labels, so D sees the same class mix on both sides
         return batch.y if self.conditional else None
 
-    def d_loss(self, batch: Batch):
+    def d_loss(self, batch: Batch, step: StepContext):
         G, D = self.networks["G"], self.networks["D"]
         y = self._labels(batch)
         z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
         # G's forward keeps its graph: the G phase reuses the last D step's fakes (as the DCGAN reference loop
         # does: one G forward per step; G's weights do not change during the D phase, so the graph stays valid)
         fake = G(z, y)
-        self._fake = (fake, y)
+        step["fake"] = (fake, y)  # for this step's G phase
         return self.loss.d_loss(D, self.noise(batch.x), self.noise(fake.detach()), y)
 
-    def g_loss(self, batch: Batch):
-        G, D = self.networks["G"], self.networks["D"]
-        fake, y = self._fake
-        self._fake = None  # release the graph after use
+    def g_loss(self, batch: Batch, step: StepContext):
+        D = self.networks["D"]
+        fake, y = step.pop("fake")  # the last D step's G(z); popped: the graph is released after use
         return self.loss.g_loss(D, self.noise(fake), y)
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         z = torch.randn(n, self.nz, generator=generator)
-        y = torch.arange(n) % self.num_classes  # grid rows cycle through the classes
+        y = self.grid_labels(n)
         return {"z": z, "y": y}
 
     def class_sampler(self):
@@ -66,13 +65,8 @@ class GAN(Family):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
-        inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
-        G = self.sampler_network()
-        dev = self.device
-        was_training = G.training
-        G.eval()  # BatchNorm running statistics; sampling must not change the training state
-        try:
+        inputs = self.sample_inputs(n, generator, inputs)
+        G, dev = self.sampler_network(), self.device
+        with eval_mode(G):  # BatchNorm running statistics; sampling must not change the training state
             y = inputs["y"].to(dev) if self.conditional else None
             return G(inputs["z"].to(dev), y)
-        finally:
-            G.train(was_training)

@@ -1,4 +1,5 @@
-"""The VAE family: an encoder and a decoder trained on one ELBO phase per step (the MNIST VAE report).
+"""The VAE family (owns: the ELBO terms, the VAE family object, its test-set metrics and figures): an encoder
+and a decoder trained on one ELBO phase per step (the MNIST VAE report).
 
     loss per image = sum over pixels of (x_hat - x)^2 + beta * KL(q(z|x) || N(0, I)), averaged over the batch
     pixels live in [0, 1] (sigmoid decoder), not the GANs' [-1, 1]
@@ -9,20 +10,17 @@ on) decodes samples. End of run: figures and `vae_test_*` metrics on the test sp
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from gancore.config import Config
-from gancore.families.base import Batch, Family, Phase
+from gancore.families.base import (EVAL_BATCH, Batch, Family, Phase, StepContext, eval_mode, load_test_split,
+                                   save_figure, titled_rows, unwrap)
 from gancore.registry import FAMILIES, MODELS
 
 EVAL_SEED = 1234  # the one z draw per test image behind vae_test_elbo, fixed so the metric is repeatable
-EVAL_BATCH = 500
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -33,32 +31,6 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def reconstruction_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Summed squared error per image: (B, C, H, W) x 2 -> (B,)."""
     return (x_hat - x).pow(2).flatten(1).sum(dim=1)
-
-
-def bare(net: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (evaluation runs on the main process only)."""
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-
-
-@contextlib.contextmanager
-def eval_mode(*nets: nn.Module) -> Iterator[None]:
-    """Networks in eval mode inside the block, their training flags restored after (sampling must not change state)."""
-    was = [n.training for n in nets]
-    for n in nets:
-        n.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for n, w in zip(nets, was):
-            n.train(w)
-
-
-def load_test_split(cfg: Config, subset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's dataset, test split, every class, first `subset` images (0 = all), at the run's image size."""
-    from gancore.data import load_images
-
-    return load_images(dataclasses.replace(cfg.data, split="test", subset=subset, normal_class=-1))
 
 
 @FAMILIES.register("vae")
@@ -98,7 +70,7 @@ class VAE(Family):
         x_hat = decoder(mu + (0.5 * logvar).exp() * eps)
         return reconstruction_error(x_hat, x), kl_divergence(mu, logvar), x_hat
 
-    def loss(self, batch: Batch):
+    def loss(self, batch: Batch, step: StepContext):
         recon, kl, _ = self.terms(batch.x)
         recon, kl = recon.mean(), kl.mean()  # per image: summed over pixels / latents, mean over the batch
         total = recon + self.beta * kl
@@ -110,12 +82,11 @@ class VAE(Family):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, inputs: dict | None = None) -> torch.Tensor:
-        inputs = inputs or self.fixed_inputs(n, generator if generator is not None else torch.Generator().manual_seed(0))
-        return self.decode(inputs["z"][:n])
+        return self.decode(self.sample_inputs(n, generator, inputs)["z"][:n])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, nz) -> images in [0, 1] with the sampler decoder (its EMA copy when there is one)."""
-        dec = bare(self.sampler_network())
+        dec = self.sampler_network()
         with eval_mode(dec):
             return torch.cat([dec(c.to(self.device)) for c in z.split(EVAL_BATCH)])
 
@@ -127,7 +98,7 @@ class VAE(Family):
 
     def encode_means(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Posterior means mu (N, nz) on the CPU for uint8 images."""
-        enc = bare(self.networks["encoder"])
+        enc = unwrap(self.networks["encoder"])
         with eval_mode(enc):
             return torch.cat([enc(self.prepare(c.to(self.device), None).x)[0].cpu() for c in x_uint8.split(EVAL_BATCH)])
 
@@ -139,7 +110,7 @@ class VAE(Family):
         fixed-variance Gaussian log-likelihood up to its constant, so this is the ELBO up to that constant).
         """
         x, _ = self.test_split()
-        enc, dec = bare(self.networks["encoder"]), bare(self.sampler_network())
+        enc, dec = unwrap(self.networks["encoder"]), self.sampler_network()
         g = torch.Generator().manual_seed(EVAL_SEED)
         recon_sum, kl_sum = 0.0, 0.0
         with eval_mode(enc, dec):
@@ -165,12 +136,8 @@ class VAE(Family):
         # originals (top) vs reconstructions from the posterior means (bottom), 16 test images
         k = min(16, len(x))
         rec = self.to_uint8(self.decode(mu[:k])).cpu()
-        fig, axes = plt.subplots(2, 1, figsize=(10, 1.9))
-        for ax, imgs, title in zip(axes, (x[:k], rec), ("test images", "reconstructions (z = mu)")):
-            ax.imshow(plots.grid(imgs, nrow=k))
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        paths.append(save_figure(fig, out_dir / "vae_reconstructions.png"))
+        paths.append(titled_rows([(x[:k], "test images"), (rec, "reconstructions (z = mu)")],
+                                 out_dir / "vae_reconstructions.png", figsize=(10, 1.9)))
 
         # the test set's posterior means, coloured by digit (PCA to 2-D when nz > 2)
         pts, axis = mu.numpy(), ("z1", "z2")
@@ -208,12 +175,3 @@ class VAE(Family):
         paths.append(p)
         return paths
 
-
-def save_figure(fig, path: Path) -> Path:
-    """tight_layout, write a PNG, close the figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -4,8 +4,13 @@
     train_classifier("lenet_mnist")            -> a domain extractor in $GANCORE_CACHE/extractors/
     tsne_plot(...), class_accuracy(...)        -> PNG figures (+ per-class accuracies)
 
-Modules: classifier (domain nets: training, files), extractors (torch-fidelity extractors, choice of one),
-fidelity (features, cached real statistics, metrics), figures.
+What each module owns:
+    nets.py        the domain classifiers' architectures (LeNet, CifarNet): features(x) and head(f)
+    classifier.py  which domain classifiers exist (DOMAIN, FOR_DATASET), their input preparation, training and files
+    extractors.py  feature extractors as torch-fidelity sees them: the FID Inception, the domain classifiers
+                   registered with torch-fidelity, the choice of one (eval.extractor) and its tag in metric names
+    fidelity.py    metric names, features of generated batches, cached real statistics, the metric table, evaluate()
+    figures.py     figures from extractor features: t-SNE of real vs generated, per-class accuracy of conditional G
 """
 
 from gancore.metrics.classifier import DOMAIN, FOR_DATASET, extractor_path, train_classifier

@@ -11,7 +11,6 @@ run does not change that run's random stream (resume stays bit-identical).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gancore.config import DataConfig
-from gancore.data import cache_dir, load_images
+from gancore.data import load_images
+from gancore.io import atomic_write, cache_dir
 from gancore.errors import MetricsError
-from gancore.metrics._progress import progress_bar
+from gancore.progress import Bar
 from gancore.metrics.nets import CifarNet, LeNet
 
 
@@ -149,7 +149,7 @@ def train_classifier(name: str, epochs: int | None = None, out: str | Path | Non
         net = spec.net().to(device)
         opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=epochs * steps_per_epoch)
-        with progress_bar(f"train {name}", epochs * steps_per_epoch, progress) as advance:
+        with Bar(f"train {name}", epochs * steps_per_epoch, enabled=progress, note="") as bar:
             for _ in range(epochs):
                 net.train()
                 perm = torch.randperm(len(x), generator=gen)[: steps_per_epoch * batch_size]
@@ -163,7 +163,7 @@ def train_classifier(name: str, epochs: int | None = None, out: str | Path | Non
                     opt.step()
                     sched.step()
                     # reading the loss syncs a GPU: every 50 steps is enough for the bar
-                    advance(**({"note": f"loss {loss.item():.3f}"} if progress and step % 50 == 0 else {}))
+                    bar.advance(**({"note": f"loss {loss.item():.3f}"} if progress and step % 50 == 0 else {}))
     acc = accuracy(net, x_test, y_test, spec, device)
     info = {"name": name, "dataset": spec.dataset, "path": str(out), "epochs": epochs, "seed": seed,
             "test_accuracy": acc, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
@@ -172,12 +172,6 @@ def train_classifier(name: str, epochs: int | None = None, out: str | Path | Non
 
 
 def _atomic_save(state: dict, path: Path, info: dict) -> None:
-    """state_dict -> path and info -> path.json, each via temp file + os.replace (concurrent runs may race)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    meta = path.with_suffix(".json")
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, meta)
+    """state_dict -> path and info -> path.json, each written atomically (concurrent runs may race)."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
+    atomic_write(path.with_suffix(".json"), json.dumps(info, indent=1))

@@ -1,5 +1,8 @@
 """FID / IS / KID / precision-recall of generated uint8 tensors, computed by torch-fidelity's metric functions.
 
+Owns: metric names (`metric_key`, `count_tag`), feature extraction of batches (`features`, `sampled_batches`), the
+cached real statistics (`real_images`, `real_statistics`), the metric table (`METRIC_FNS`) and `evaluate`.
+
     sample_uint8(b) -> (b, C, H, W) uint8 --extractor (torch-fidelity class)--> features --torch-fidelity--> metrics
                                                                  real statistics (cached on disk) --^
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,17 +28,16 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metri
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
 from gancore.config import Config
-from gancore.data import cache_dir, load_images
+from gancore.data import load_images
+from gancore.io import atomic_write, cache_dir
 from gancore.errors import MetricsError
 from gancore.metrics import extractors
-from gancore.metrics._progress import progress_bar
-from gancore.registry import METRICS
+from gancore.progress import Bar
 
 PAIRWISE_MAX = 10_000  # KID and precision/recall cost n^2: they use at most this many of each set (named so)
 KID_SUBSET = 1000  # torch-fidelity's default KID subset size (smaller sets use all their samples)
 SEED = 2020  # torch-fidelity's default rng_seed: our IS splits and KID subsets equal its own
 STATS_FORMAT = 1  # bump when the cached statistics change meaning
-ALL_METRICS = ("fid", "is", "kid", "pr")
 
 
 def count_tag(n: int) -> str:
@@ -70,16 +71,16 @@ def features(fe: FeatureExtractorBase, batches: Iterator[torch.Tensor], total: i
              desc: str = "features", progress: bool = False) -> dict[str, torch.Tensor]:
     """Run uint8 batches through `fe`; {layer: (N, D) float32 on the CPU}."""
     out: dict[str, list[torch.Tensor]] = {k: [] for k in fe.get_requested_features_list()}
-    with progress_bar(desc, total, progress) as advance:
+    with Bar(desc, total, enabled=progress, note="") as bar:
         for x in batches:
             feats = fe.convert_features_tuple_to_dict(fe(extractors.as_input(fe, x.to(device))))
             for k, v in feats.items():
                 out[k].append(v.float().cpu())
-            advance(len(x))
+            bar.advance(len(x))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _sampled(sample_uint8: Callable[[int], torch.Tensor], n: int, batch: int) -> Iterator[torch.Tensor]:
+def sampled_batches(sample_uint8: Callable[[int], torch.Tensor], n: int, batch: int) -> Iterator[torch.Tensor]:
     """n generated images from the sampler, in batches of at most `batch`, checked for count and dtype."""
     for lo in range(0, n, batch):
         b = min(batch, n - lo)
@@ -134,11 +135,7 @@ def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, 
     st = statistics(f)
     out = {"mu": st["mu"], "sigma": st["sigma"], "features": f[:PAIRWISE_MAX].numpy()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, **out)
-        os.replace(tmp, path)  # atomic: concurrent runs see no file or a whole one
+        atomic_write(path, lambda fh: np.savez(fh, **out))  # concurrent runs see no file or a whole one
     except OSError as e:
         extractors.notice(f"cannot cache real statistics in {path.parent} ({e.strerror}); recomputing each time")
     return out
@@ -171,9 +168,11 @@ def _pr(gen: torch.Tensor, real: dict, **_) -> dict[str, float]:
     return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL]}
 
 
-for _name, _fn in (("fid", _fid), ("is", _is), ("kid", _kid), ("pr", _pr)):
-    METRICS.register(_name)(_fn)
-_FNS = {"fid": _fid, "is": _is, "kid": _kid, "pr": _pr}  # direct table: METRICS[...] imports every builtin module
+# A plain table, not a gancore.registry Registry: the four metrics are a fixed set that `evaluate` names one by one
+# (their keys differ: KID/PR count at most PAIRWISE_MAX samples, PR gives two values, IS needs the logits), so
+# nothing is dispatched by a name from a config, and an unknown name is a MetricsError (exit code 2) raised below.
+METRIC_FNS: dict[str, Callable[..., dict[str, float]]] = {"fid": _fid, "is": _is, "kid": _kid, "pr": _pr}
+ALL_METRICS = tuple(METRIC_FNS)  # ("fid", "is", "kid", "pr")
 
 
 def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,
@@ -204,20 +203,20 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
         extractors.notice("is_inception skipped: these Inception weights have no classification layer (offline "
                           "build, see shared/weights/README.md); FID/KID/PR are unaffected")
     feat_layer, is_layer = extractors.layers(fe)
-    gen = features(fe, _sampled(sample_uint8, n, cfg.eval.batch_size), n, device, "generated", progress)
+    gen = features(fe, sampled_batches(sample_uint8, n, cfg.eval.batch_size), n, device, "generated", progress)
 
     out: dict[str, float] = {}
     m_pair = min(n, PAIRWISE_MAX)
     if "fid" in metrics:
-        out[metric_key("fid", name, n)] = _FNS["fid"](gen[feat_layer], real)["fid"]
+        out[metric_key("fid", name, n)] = METRIC_FNS["fid"](gen[feat_layer], real)["fid"]
     if want_is:
-        value = _FNS["is"](gen[is_layer])["is"]
+        value = METRIC_FNS["is"](gen[is_layer])["is"]
         if np.isfinite(value):
             out[metric_key("is", name, n)] = value
     if "kid" in metrics:
-        out[metric_key("kid", name, m_pair)] = _FNS["kid"](gen[feat_layer], real)["kid"]
+        out[metric_key("kid", name, m_pair)] = METRIC_FNS["kid"](gen[feat_layer], real)["kid"]
     if "pr" in metrics:
-        pr = _FNS["pr"](gen[feat_layer], real)
+        pr = METRIC_FNS["pr"](gen[feat_layer], real)
         out[metric_key("precision", name, m_pair)] = pr["precision"]
         out[metric_key("recall", name, m_pair)] = pr["recall"]
     return {k: float(v) for k, v in out.items()}

@@ -1,5 +1,7 @@
 """Figures from extractor features: t-SNE of real vs generated, and per-class accuracy of conditional samples.
 
+Owns: tsne_figure / tsne_plot and class_accuracy (with its bar plot).
+
 Drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display needed); both write PNGs.
 """
 
@@ -14,11 +16,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gancore.config import Config
-from gancore.data import data_root
+from gancore.io import data_root
 from gancore.errors import MetricsError
 from gancore.metrics import extractors
-from gancore.metrics.classifier import ensure_classifier, load_classifier, prepare
-from gancore.metrics.fidelity import _sampled, features, real_images
+from gancore.metrics.classifier import FOR_DATASET, ensure_classifier, load_classifier, prepare
+from gancore.metrics.fidelity import features, real_images, sampled_batches
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -56,13 +58,13 @@ def tsne_plot(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: 
     fe, _ = extractors.load(name, cfg, device)
     layer, _ = extractors.layers(fe)
     real = features(fe, iter(x_real.split(cfg.eval.batch_size)), len(x_real), device)[layer]
-    gen = features(fe, _sampled(sample_uint8, n, cfg.eval.batch_size), n, device)[layer]
+    gen = features(fe, sampled_batches(sample_uint8, n, cfg.eval.batch_size), n, device)[layer]
     return tsne_figure(real.numpy(), gen.numpy(), path, f"t-SNE of {name} features: {cfg.data.name}", seed)
 
 
 def _class_names(cfg: Config, k: int) -> list[str]:
     """CIFAR-10's names from the data folder's class_names.txt when present, else the indices."""
-    f = data_root(cfg.data) / "cifar10" / "class_names.txt"
+    f = data_root(cfg.data.root) / "cifar10" / "class_names.txt"
     if cfg.data.name == "cifar10" and f.is_file():
         names = f.read_text().split()
         if len(names) == k:
@@ -81,8 +83,6 @@ def class_accuracy(sample_with_labels: Callable[[torch.Tensor], torch.Tensor], c
     also a bar plot PNG there.
     """
     if extractor in (None, "auto"):
-        from gancore.metrics.classifier import FOR_DATASET
-
         if cfg.data.name not in FOR_DATASET:
             raise MetricsError(f"no domain classifier for data.name={cfg.data.name!r}; pass extractor="
                                "lenet_mnist | lenet_fashion_mnist | cifar_classifier")

@@ -23,16 +23,14 @@ back with one line saying why:
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-COMPILED = ("compile", "compile_cudagraph")  # modes that torch.compile the networks
-CAPTURED = ("cudagraph", "compile_cudagraph")  # modes that capture the step (the choices live in config.CHOICES)
+from gancore.config import CAPTURED, COMPILED
+
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,22 @@ def plan(mode: str, device: torch.device, world: int, mixed_precision: str) -> P
     return Plan(compile_, True, True)
 
 
+def setup(cfg: Any, networks: dict[str, nn.Module], device: torch.device, world: int, is_main: bool) -> Plan:
+    """The run's plan, applied to its networks before Accelerate wraps them: notices (main process), channels_last,
+    torch.compile, cuDNN autotuning."""
+    p = plan(cfg.train.compile, device, world, cfg.train.mixed_precision)
+    for notice in (p.notice, precision_notice(device, cfg.train.mixed_precision)):
+        if is_main and notice:
+            print(notice, flush=True)
+    if cfg.train.channels_last:
+        to_channels_last(networks)
+    if p.compile:
+        compile_networks(networks, is_main, cfg.train.compile)
+    if device.type == "cuda" and cfg.train.compile != "none":
+        torch.backends.cudnn.benchmark = True  # static shapes: autotune each convolution once
+    return p
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, as oneDNN reports it); True when unknown."""
     try:
@@ -81,15 +95,6 @@ def precision_notice(device: torch.device, mixed_precision: str) -> str | None:
     return None
 
 
-def adam_options(mode: str) -> dict[str, Any]:
-    """Adam's implementation flags for a mode: fused (one multi-tensor kernel) and capturable (its step counter on
-    the device) where a CUDA device will run it; the eager path keeps torch's defaults (foreach on CUDA)."""
-    opts: dict[str, Any] = {"foreach": None, "fused": None, "capturable": False}
-    if mode != "none" and torch.cuda.is_available():
-        opts.update(fused=True, capturable=mode in CAPTURED)
-    return opts
-
-
 def restore_adam_options(opt: torch.optim.Optimizer, options: dict[str, Any]) -> None:
     """After `load_state_dict` (which copies the saved run's flags into the param groups): this run's flags, and
     Adam's step counters where these flags want them (on the parameter's device when fused/capturable, else CPU)."""
@@ -101,6 +106,20 @@ def restore_adam_options(opt: torch.optim.Optimizer, options: dict[str, Any]) ->
             state = opt.state.get(p, {})
             if "step" in state and torch.is_tensor(state["step"]):
                 state["step"] = state["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
+
+
+def compile_networks(nets: dict[str, nn.Module], notify: bool, mode: str) -> None:
+    """torch.compile every network's forward in place (state_dict keys stay unchanged for checkpoints).
+
+    Where compilation is impossible (no C++ compiler, an unsupported op), dynamo falls back to eager per graph.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
+    for net in nets.values():
+        net.compile()
+    if notify:
+        print(f"train.compile={mode}: networks compiled with torch.compile (first steps are slow while it compiles)")
 
 
 def to_channels_last(nets: dict[str, nn.Module]) -> None:
@@ -209,52 +228,3 @@ class StaticStep:
             return
         self.graph = graph
         graph.replay()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several trials per device: bench/trials_per_device.py measures the aggregate throughput of K training processes
-# sharing one device and records the best K here; `jobs/sweep.py --workers auto` (the default) starts that many
-# local workers per GPU. A small model leaves a big GPU mostly idle, so K > 1 can multiply trials per hour.
-
-DEFAULT_TRIALS_PER_DEVICE = 2  # until a measurement exists for this device (the previous fixed default)
-
-
-def device_name() -> str:
-    """What a measurement is recorded under: the GPU's name, or `cpu-<cores>`."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu-{os.cpu_count()}"
-
-
-def _trials_file():
-    from gancore.data import cache_dir
-
-    return cache_dir() / "trials_per_device.json"
-
-
-def record_trials_per_device(mode: str, table: dict[int, float], extra: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """Store a measurement {K: aggregate images/s} for this device and mode; returns (best K, the file)."""
-    best = max(table, key=lambda k: table[k])
-    path = _trials_file()
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault(device_name(), {})[mode] = {"best_k": best, "images_per_s": {str(k): v for k, v in table.items()},
-                                                **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-    return best, path
-
-
-def trials_per_device(mode: str) -> tuple[int, str]:
-    """(K, where it came from): the measured best K for this device and train.compile mode (another mode's
-    measurement on the same device if this one has none), else DEFAULT_TRIALS_PER_DEVICE."""
-    path = _trials_file()
-    try:
-        data = json.loads(path.read_text()).get(device_name(), {}) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    entry = data.get(mode) or next(iter(data.values()), None)
-    if entry and isinstance(entry.get("best_k"), int) and entry["best_k"] >= 1:
-        return entry["best_k"], f"measured on {device_name()} ({path})"
-    return DEFAULT_TRIALS_PER_DEVICE, "default; measure with bench/trials_per_device.py --save"

@@ -1,0 +1,46 @@
+"""Where files live and how they are written: the cache dir, the data root, the one atomic write.
+
+Every file another process may read while it is written (checkpoints, cached arrays and statistics, extractor
+weights, best.yaml) goes through `atomic_write`: a temp file in the same folder, then one rename, so a reader sees
+the old file or the whole new one, never half of it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def cache_dir() -> Path:
+    """Decoded datasets, domain extractors, real-data statistics: $GANCORE_CACHE, else ~/.cache/gancore."""
+    return Path(os.environ.get("GANCORE_CACHE") or Path.home() / ".cache" / "gancore")
+
+
+def data_root(root: str | None) -> Path:
+    """Where datasets are looked for: data.root, $GANCORE_DATA, ./data (in that order)."""
+    return Path(root or os.environ.get("GANCORE_DATA") or "data").expanduser()
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], Any] | str | bytes) -> Path:
+    """Write `path` through a temp file beside it and one os.replace.
+
+    `write` is text, bytes, or a function given the open binary file (np.save, torch.save, np.savez: a file
+    object, so nothing appends a suffix to the name).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if isinstance(write, str):
+                fh.write(write.encode())
+            elif isinstance(write, bytes):
+                fh.write(write)
+            else:
+                write(fh)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,112 @@
+"""One trial: trial params -> config -> fit(out=<sweep dir>/trial_NNNN, on_eval=report and prune) -> the objective
+metric (an fid_* name) of the last evaluation, minimised."""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any
+
+from gancore.errors import NonFiniteLossError, SweepError
+from gancore.sweep.spec import Sweep, trial_config
+from gancore.sweep.trials import worker_id
+from gancore.tracking.sweep_runs import ChildRun
+
+
+class TrialInterrupted(Exception):
+    """A trial stopped by a signal (its checkpoint is kept); the worker re-queues it and exits."""
+
+    def __init__(self, number: int, reason: str, original: BaseException | None = None, signum: int | None = None):
+        super().__init__(f"trial {number} interrupted ({reason})")
+        self.number, self.reason, self.original, self.signum = number, reason, original, signum
+
+
+def _resume_point(trial: Any) -> Any | None:
+    """The checkpoint a re-queued copy continues from (None for a fresh trial).
+
+    A re-queued copy inherits the interrupted trial's user attrs: the newest checkpoint of that trial's run dir,
+    else of the dir it had itself resumed (interrupted again before its first checkpoint)."""
+    from gancore.train import state as ckpt
+
+    earlier = [trial.user_attrs.get(k) for k in ("gancore.run_dir", "gancore.resumes")]
+    resume = next((c for d in earlier if d and (c := ckpt.latest(d)) is not None), None)
+    if trial.user_attrs.get("gancore.interrupted"):  # inherited: about the interrupted trial, not this one
+        trial.set_user_attr("gancore.interrupted", None)
+    if resume is not None:
+        trial.set_user_attr("gancore.resumes", str(resume.parent.parent))
+    return resume
+
+
+class Objective:
+    """trial -> config -> fit(on_eval = report + prune) -> the objective metric of the last evaluation."""
+
+    def __init__(self, sweep: Sweep, parent_id: str | None):
+        self.sweep, self.parent_id = sweep, parent_id
+
+    def on_eval(self, trial: Any, child: ChildRun) -> Any:
+        """The trainer's on_eval hook: report the objective at this step; raise TrialPruned when told to."""
+        import optuna
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            child.attach()
+            if self.sweep.objective not in metrics:
+                raise SweepError(f"objective {self.sweep.objective} is not among the reported metrics "
+                                 f"({', '.join(sorted(metrics)) or 'none'}); fix `objective` in the sweep file")
+            value = float(metrics[self.sweep.objective])
+            trial.report(value, step)
+            # the last evaluation ends the trial anyway: it completes with that value (known with max_steps only)
+            if step != self.sweep.base.train.max_steps and trial.should_prune():
+                raise optuna.TrialPruned(f"{self.sweep.objective} {value:.4g} at step {step}")
+
+        return report
+
+    @staticmethod
+    def _interrupted(trial: Any, child: ChildRun, reason: str, original: BaseException | None = None,
+                     signum: int | None = None) -> TrialInterrupted:
+        trial.set_user_attr("gancore.interrupted", reason)  # now: once Optuna marks it FAIL it is read-only
+        child.finish("INTERRUPTED")
+        return TrialInterrupted(trial.number, reason, original, signum)
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        from gancore.train.loop import fit
+
+        trial.set_user_attr("gancore.worker", worker_id())
+        resume = _resume_point(trial)
+        params = {p.name: p.suggest(trial) for p in self.sweep.space}
+        cfg = trial_config(self.sweep, params, trial.number)
+        run_dir = self.sweep.dir / f"trial_{trial.number:04d}"
+        trial.set_user_attr("gancore.run_dir", str(run_dir))
+        child = ChildRun(self.sweep, self.parent_id, trial, run_dir, params)
+        try:
+            nest = {"mlflow.parentRunId": self.parent_id, "optuna.study": self.sweep.study,
+                    "optuna.trial": str(trial.number)} if self.parent_id else None
+            result = fit(cfg, out=run_dir, resume=str(resume) if resume else None, on_eval=self.on_eval(trial, child),
+                         tags=nest)
+        except optuna.TrialPruned:
+            child.finish("PRUNED")
+            raise
+        except NonFiniteLossError as e:  # diverged: this trial fails, the study goes on
+            trial.set_user_attr("gancore.failure", str(e).split(";")[0])
+            child.finish("FAIL")
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or submitit's requeue on preemption
+            raise self._interrupted(trial, child, type(e).__name__, e) from e
+        if result.status == "stopped":  # SIGTERM / SIGUSR1: the trainer wrote a checkpoint
+            signum = getattr(result, "stop_signal", None)
+            how = f" by {signal.Signals(signum).name}" if signum else ""
+            raise self._interrupted(trial, child, f"stopped{how} at step {result.step}", signum=signum)
+        return self._value(trial, child, result)
+
+    def _value(self, trial: Any, child: ChildRun, result: Any) -> float:
+        """The objective of a finished fit (a run resumed from its final checkpoint: the last reported one)."""
+        value = result.metrics.get(self.sweep.objective)
+        if value is None and result.steps_run == 0:  # resumed from a final checkpoint: its last report counts
+            value = trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values.get(result.step)
+        if value is None:
+            raise SweepError(f"objective {self.sweep.objective} not reported by trial {trial.number}; "
+                             f"got {', '.join(sorted(result.metrics)) or 'no metrics'}")
+        value = float(value)
+        child.finish("COMPLETE" if math.isfinite(value) else "FAIL", value)
+        return value

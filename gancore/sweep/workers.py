@@ -1,0 +1,208 @@
+"""Workers: each runs `study.optimize` on the shared storage until the budget is used; local processes or the tasks
+of a Slurm job array (gancore/cluster/array.py), as many as `workers` (auto: the measured best per device)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gancore.errors import EXIT_STOPPED, GancoreError, NonFiniteLossError, SweepError
+from gancore.sweep import devices
+from gancore.sweep.objective import Objective, TrialInterrupted
+from gancore.sweep.spec import Sweep
+from gancore.sweep.storage import open_storage, open_study
+from gancore.sweep.trials import Budget, requeue
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker process needs (picklable: sent to spawned processes and Slurm jobs)."""
+
+    sweep: Sweep
+    parent_id: str | None
+    index: int  # worker number in this run of the sweep
+    stream: int  # sampler seed stream (distinct per worker and per run of the sweep)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    gpu: str | None = None  # CUDA_VISIBLE_DEVICES for this worker (local multi-GPU machines)
+
+
+def _print_trial(study: Any, t: Any) -> None:
+    value = f"{t.value:.4g}" if t.value is not None else "-"
+    params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+    why = t.user_attrs.get("gancore.failure") or t.user_attrs.get("gancore.interrupted") or ""
+    secs = f"{t.duration.total_seconds():.0f} s" if t.duration else ""
+    print(f"sweep {study.study_name}: trial {t.number} {t.state.name:<8} {value:>9}  {params}  {secs}"
+          + (f"  ({why})" if why else ""), flush=True)
+
+
+def worker(ctx: WorkerContext) -> int:
+    """Run trials of the study until its budget is used (or timeout); 0 done, EXIT_STOPPED interrupted."""
+    return _work(ctx)[0]
+
+
+def _work(ctx: WorkerContext) -> tuple[int, int | None]:
+    """worker() plus the signal that interrupted it (None when it was not)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial (_print_trial), not tracebacks
+
+    if ctx.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ctx.gpu
+    if ctx.threads:
+        import torch
+
+        torch.set_num_threads(ctx.threads)
+    sweep = ctx.sweep
+    study = open_study(sweep, open_storage(sweep.storage_url, sweep), stream=ctx.stream)
+    budget = Budget(sweep.n_trials)
+    if budget.exhausted(study):
+        return 0, None
+    catch: tuple[type[Exception], ...] = (NonFiniteLossError,)
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch
+
+        catch += (torch.OutOfMemoryError,)  # a batch size too big for the GPU fails that trial only
+    try:
+        study.optimize(Objective(sweep, ctx.parent_id), n_trials=None, timeout=sweep.timeout_s, catch=catch,
+                       callbacks=[budget, _print_trial], gc_after_trial=True)
+    except TrialInterrupted as e:
+        requeue(study, e.number, sweep, e.reason)
+        t = study.get_trials(deepcopy=False)[e.number]
+        _print_trial(study, t)
+        if isinstance(e.original, (KeyboardInterrupt, SystemExit)):
+            raise e.original from None
+        return EXIT_STOPPED, e.signum
+    return 0, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local worker processes
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the coordinator dies (the trainer then checkpoints and stops)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _local_worker(ctx: WorkerContext) -> None:
+    """Entry point of a local worker process: errors as one line, exit code as worker() says."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the coordinator, which sends SIGTERM
+    _die_with_parent()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        code = worker(ctx)
+    except GancoreError as e:
+        print(f"error: sweep worker {ctx.index}: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_all(procs: list[Any]) -> None:
+    """SIGTERM the live workers (each checkpoints its trial), then wait for them, killing a stuck one."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120  # a step plus a checkpoint; then give up on it
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def launch_local(ctxs: list[WorkerContext]) -> int:
+    """N worker processes (spawned: no CUDA/fork surprises); Ctrl-C / SIGTERM stop them gracefully."""
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
+    procs: list[Any] = []  # started ones
+
+    def _term(signum: int, frame: Any) -> None:
+        raise _Stop()
+
+    old = signal.signal(signal.SIGTERM, _term)
+    stopped = False
+    try:
+        for c in ctxs:
+            procs.append(spawn.Process(target=_local_worker, args=(c,), name=f"sweep-worker-{c.index}"))
+            procs[-1].start()
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=0.5)
+            if any(p.exitcode not in (None, 0, EXIT_STOPPED) for p in procs):
+                break  # a worker hit an error: stop the others (they checkpoint) and report it
+    except (KeyboardInterrupt, _Stop):
+        stopped = True
+        print("sweep: stopping workers (each checkpoints its trial; run the sweep again to continue)", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _stop_all(procs)
+    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, EXIT_STOPPED, -signal.SIGTERM)]
+    if failed and not stopped:
+        i, code = failed[0]
+        raise SweepError(f"sweep worker {i} failed (exit code {code}); its error is printed above")
+    return EXIT_STOPPED if stopped or any(p.exitcode == EXIT_STOPPED for p in procs) else 0
+
+
+def local_contexts(sweep: Sweep, parent: str | None, n: int, stream: int) -> list[WorkerContext]:
+    """n local workers: torch threads split between them on a CPU, one GPU each on a multi-GPU machine."""
+    import torch
+
+    threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // n)
+    gpus = torch.cuda.device_count()
+    return [WorkerContext(sweep, parent, i, stream + i, threads, str(i % gpus) if gpus > 1 else None)
+            for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A Slurm job array
+
+
+def _array_task(ctx: WorkerContext, index: int) -> tuple[int, int | None]:
+    """Task `index` of the job array: a worker with its own seed stream."""
+    return _work(dataclasses.replace(ctx, index=index, stream=ctx.stream + index))
+
+
+def launch_slurm(sweep: Sweep, ctx: WorkerContext, n: int) -> int:
+    """A Slurm job array of n workers through submitit (gancore.cluster's executor); waits for them."""
+    from gancore.cluster import Resources
+    from gancore.cluster.array import run_array
+
+    s = sweep.slurm
+    res = Resources(gpus=s["gpus"], cpus=s["cpus"], mem=None if s["mem"] is None else str(s["mem"]),
+                    time=str(s["time"]), partition=s["partition"], account=s["account"], qos=s["qos"])
+    code = run_array(functools.partial(_array_task, ctx), n, sweep.dir / "slurm", res, name=f"sweep-{sweep.study}",
+                     parallelism=s["array_parallelism"])
+    if code not in (0, EXIT_STOPPED):
+        raise SweepError(f"Slurm workers failed; see {sweep.dir / 'slurm'}")
+    return code
+
+
+def auto_workers(sweep: Sweep, launcher: str) -> tuple[int, str]:
+    """`workers: auto`: local workers = the measured best trials per device (gancore/sweep/devices.py, bench/
+    trials_per_device.py) x the GPUs here (one CPU device without GPUs). Slurm arrays: the default count."""
+    if launcher == "slurm":
+        return devices.DEFAULT_TRIALS_PER_DEVICE, "the default for a Slurm job array; pass --workers N"
+    import torch
+
+    k, source = devices.trials_per_device(sweep.base.train.compile)
+    gpus = torch.cuda.device_count()
+    per = f"{k} per GPU x {gpus} GPUs" if gpus else f"{k} on the CPU"
+    return k * max(1, gpus), f"auto: {per}, {source}"

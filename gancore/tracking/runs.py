@@ -1,0 +1,93 @@
+"""Reading runs back for `jobs/runs.py`: an experiment's runs with key params, headline statistics and best FID.
+
+Which statistics a row shows is its family's `headline` (GAN: Loss/D, Loss/G; VAE: Loss/total, Loss/recon,
+Loss/kl; ...), looked up from the run's `family` param, so the table needs no change when a family is added.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gancore.errors import TrackingError
+from gancore.tracking.store import existing_client, store_errors
+
+ALWAYS_PARAMS = ("family", "model.arch")  # what a run is; shown for every run
+MAX_VARIED_PARAMS = 6  # params that differ between the listed runs, shown after those (more do not fit a terminal)
+
+
+def _headline(family: str | None) -> tuple[str, ...]:
+    """The family's headline statistics; none for a run without a family param or of a family unknown here."""
+    from gancore.registry import FAMILIES
+
+    return FAMILIES[family].headline if family and family in FAMILIES else ()
+
+
+def _best_fid(client: Any, run: Any) -> tuple[str, float] | None:
+    """(key, value) of the lowest value any fid_* metric of the run reached, or None without one."""
+    best = None
+    for key in (k for k in run.data.metrics if k.startswith("fid_")):
+        value = min(m.value for m in client.get_metric_history(run.info.run_id, key))
+        if best is None or value < best[1]:
+            best = (key, value)
+    return best
+
+
+def list_runs(experiment: str = "gancore", sort: str | None = None, limit: int = 20, uri: str | None = None) -> list[dict[str, Any]]:
+    """Rows for the runs table: newest first, or by metric `sort` ascending (`-NAME`: descending).
+
+    Each row: run_id, name, status, params (all of them), headline ({statistic: last value} of the run's family),
+    best_fid ((key, value) or None) and sort_value.
+    """
+    client, uri = existing_client(uri)
+    with store_errors(uri):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise TrackingError(f"no experiment {experiment!r} in {uri}; known: {known}")
+        order = ["attributes.start_time DESC"]
+        if sort:
+            name, direction = (sort[1:], "DESC") if sort.startswith("-") else (sort, "ASC")
+            order = [f"metrics.`{name}` {direction}"]
+        runs = client.search_runs([exp.experiment_id], order_by=order, max_results=limit)
+        return [
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "params": dict(run.data.params),
+                "headline": {k: run.data.metrics.get(k) for k in _headline(run.data.params.get("family"))},
+                "best_fid": _best_fid(client, run),
+                "sort_value": run.data.metrics.get(sort.lstrip("-")) if sort else None,
+            }
+            for run in runs
+        ]
+
+
+def _param_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The params the table shows: what each run is, then (some of) those that differ between the listed runs."""
+    keys = dict.fromkeys(k for r in rows for k in r["params"] if k not in ALWAYS_PARAMS)  # first-seen order
+    varied = [k for k in keys if len({r["params"].get(k) for r in rows}) > 1]
+    return [*ALWAYS_PARAMS, *varied[:MAX_VARIED_PARAMS]]
+
+
+def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int = 20, uri: str | None = None) -> Any:
+    """A rich Table of an experiment's runs: key params, last headline statistics of each run's family, best FID."""
+    from rich.table import Table
+
+    rows = list_runs(experiment, sort, limit, uri)
+    params = _param_columns(rows)
+    stats = list(dict.fromkeys(k for r in rows for k in r["headline"]))  # union over families, first-seen order
+    sort_key = sort.lstrip("-") if sort else None
+    extra = [sort_key] if sort_key and sort_key not in stats else []
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    table = Table(title=f"MLflow experiment {experiment!r} ({len(rows)} runs)")
+    for col in ("run", "name", "status", *params):
+        table.add_column(col)
+    for col in (*stats, "best fid_*", *extra):
+        table.add_column(col, justify="right")
+    for r in rows:
+        best = f"{r['best_fid'][1]:.4g} ({r['best_fid'][0]})" if r["best_fid"] else "-"
+        cells = [r["run_id"][:8], r["name"] or "", r["status"], *(r["params"].get(k) or "-" for k in params)]
+        cells += [fmt(r["headline"].get(k)) for k in stats] + [best] + [fmt(r["sort_value"]) for _ in extra]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,273 @@
+"""The one training loop (shared/STYLE.md #1): setup -> resume -> loop -> done.
+
+    loop { phases (GAN: D x d_iters, then G), EMA, stats, grids, snapshots, metrics, checkpoint }
+
+The loop drives a family object (gancore/families/) and never asks which family, model or loss it runs. What it
+uses lives beside it: the checkpoint dict and resume (state.py), stop signals (signals.py), the fast path
+(fast.py), on-device statistics (stats.py), the generator EMA (ema.py) and the end-of-run report (report.py).
+The step has no host synchronisation: statistics stay on the device until every `train.log_every` steps. With
+`train.compile=cudagraph` the same step runs as fast.StaticStep (fixed buffers; on a GPU one CUDA graph replay per
+step); everything around the step is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+
+from gancore import plots
+from gancore.config import Config, save_yaml
+from gancore.data import DeviceLoader, load_images
+from gancore.errors import NonFiniteLossError
+from gancore.families.base import Batch, Family
+from gancore.progress import Bar
+from gancore.tracking import check_reachable, make_tracker, resolve_uri
+from gancore.train import fast, report
+from gancore.train import state as ckpt
+from gancore.train.ema import EMA
+from gancore.train.signals import StopFlag
+from gancore.train.stats import StatsAccumulator, non_finite
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str | None
+    step: int
+    total_steps: int
+    status: str  # finished | stopped (signal / stop_after: a checkpoint was written, resume continues)
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0  # wall time of the training loop alone (no setup, no end-of-run reports)
+    steps_run: int = 0  # steps this call ran (after a resume: fewer than `step`)
+    stop_signal: int | None = None  # the signal that stopped the run (launchers requeue on warnings, not SIGTERM)
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, cfg.train.mixed_precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(True)  # a second run in one process (tests, sweeps) with another precision
+    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+
+def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
+        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        tags: dict[str, str] | None = None) -> RunResult:
+    """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir.
+
+    `on_eval(step, metrics)` is called after every sample-quality evaluation (sweeps report and prune there);
+    `tags` go onto the MLflow run from its start (a sweep's parent run id, the trial number).
+    """
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup: devices, seeds, data, the family and its optimisers
+    accelerator = _accelerator(cfg)
+    is_main = accelerator.is_main_process
+    if is_main and cfg.track.enabled:  # an unreachable tracking server fails before anything is loaded or written
+        check_reachable(resolve_uri(cfg.track.uri))
+    set_seed(cfg.train.seed + accelerator.process_index)  # distinct noise per process, same data order
+    x_all, y_all = load_images(cfg.data)
+    image_shape = tuple(x_all.shape[1:])
+    num_classes = max(int(y_all.max()) + 1, cfg.model.num_classes) if len(y_all) else cfg.model.num_classes
+    family = ckpt.build_family(cfg, image_shape, num_classes)
+    fast_plan = fast.setup(cfg, family.networks, accelerator.device, accelerator.num_processes, is_main)
+    names, opt_names = list(family.networks), list(family.optimizers)
+    prepared = accelerator.prepare(*family.networks.values(), *family.optimizers.values())
+    family.networks = dict(zip(names, prepared[: len(names)]))
+    family.optimizers = dict(zip(opt_names, prepared[len(names):]))
+    gen_net = accelerator.unwrap_model(family.networks[family.generator_name])
+    if cfg.train.ema_decay > 0:
+        family.ema = EMA(gen_net, cfg.train.ema_decay)
+    loader = DeviceLoader(x_all, y_all, cfg.optim.batch_size, seed=cfg.train.seed, device=accelerator.device,
+                          on_device=cfg.data.on_device, rank=accelerator.process_index,
+                          world=accelerator.num_processes)
+    draws = family.draws_per_step()  # real batches consumed per step
+    steps_per_epoch = max(1, loader.steps_per_epoch // draws)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    fixed = family.fixed_inputs(cfg.train.grid_size, torch.Generator().manual_seed(cfg.train.seed + 12345))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Resume: the run dir, the checkpoint, every piece of state (gancore/train/state.py)
+    run_dir, resume_from = ckpt.resolve_run_dir(cfg, out, resume) if is_main else (None, None)
+    run_dir, resume_from = broadcast_object_list([run_dir, resume_from])
+    run = ckpt.RunState() if resume_from is None else ckpt.RunState.restore(resume_from, cfg, family, accelerator, loader)
+    window = StatsAccumulator()  # per log window (run.epoch_stats: per epoch)
+    tracker = make_tracker(cfg, is_main)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        run.run_id = tracker.start(cfg, run_dir, run.run_id, tags={
+            "gancore.world_size": str(accelerator.num_processes),
+            "gancore.device": str(accelerator.device), "gancore.host": socket.gethostname(), **(tags or {})})
+        if run.step == 0:  # the report's export of real images, beside the generated grids
+            plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
+            tracker.log_artifact(run_dir / "real_samples.png")
+
+    def save_checkpoint(path: Path | None = None) -> Path | None:
+        """Rank 0 writes; `path` (e.g. the best-FID checkpoint) is kept outside the step rotation."""
+        if not is_main:
+            return None
+        state = run.checkpoint(cfg, family, accelerator, loader, image_shape, num_classes)
+        if path is not None:
+            return ckpt.save(state, path)
+        path = ckpt.save(state, ckpt.step_path(run_dir, run.step))
+        ckpt.prune(run_dir, cfg.train.keep_checkpoints)
+        return path
+
+    def sample_grid() -> torch.Tensor:
+        return family.to_uint8(family.sample(cfg.train.grid_size, inputs=fixed))
+
+    def sampler_uint8() -> Callable[[int], torch.Tensor]:
+        """b -> b generated uint8 images; the same seeded inputs at every evaluation (comparable across steps)."""
+        g = torch.Generator().manual_seed(cfg.train.seed + 777)
+        return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
+
+    def evaluate_metrics() -> dict[str, float]:
+        """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
+        from gancore.metrics import evaluate
+
+        values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
+        fid = sorted(k for k in values if k.startswith("fid_"))
+        if fid and values[fid[0]] < run.best.get("value", float("inf")):
+            run.best.update(key=fid[0], value=values[fid[0]], step=run.step)
+            save_checkpoint(ckpt.best_path(run_dir))
+        return values
+
+    step_fn = functools.partial(one_step, family, accelerator, gen_net)  # phases + EMA (below)
+
+    def plain_step() -> None:
+        step_fn(lambda: family.prepare(*loader.next()), lambda s: (window.add(s), run.epoch_stats.add(s)))
+
+    # the fast path (train.compile=cudagraph): one_step over fixed buffers; on a GPU captured once and replayed as
+    # one CUDA graph per step (gancore/train/fast.py)
+    train_step = fast.StaticStep(step_fn, family, loader, draws, [window, run.epoch_stats], fast_plan.capture,
+                                 cfg.train.compile, notify=print if is_main else lambda m: None) \
+        if fast_plan.static_step else plain_step
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+    stop = StopFlag(accelerator)
+    stop.install()
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    progress = Bar(cfg.name, total_steps, enabled=is_main and cfg.train.progress, completed=run.step, elapsed=True,
+                   stats="")
+    last_ckpt: Path | None = ckpt.latest(run_dir) if is_main else None
+    t_window, steps_window = time.perf_counter(), 0
+    status, t_loop, first_step = "finished", time.perf_counter(), run.step
+    last_metrics: dict[str, float] = {}
+    try:
+        while run.step < total_steps:
+            train_step()  # D x d_iters, G, EMA (one_step below)
+            run.step += 1
+            step, steps_window = run.step, steps_window + 1
+            epoch_end = step % steps_per_epoch == 0
+            epoch = (step - 1) // steps_per_epoch + 1  # 1-based epoch this step belongs to
+            stop_now = stop.requested(step)  # a signal arrived: finish this step, checkpoint, return "stopped"
+            stop_here = stop_now or (stop_after is not None and step >= stop_after and step < total_steps)
+            must_checkpoint = step % cfg.train.checkpoint_every == 0 or step == total_steps or stop_here
+
+            # -- statistics: the only host sync, every log_every steps (and before any checkpoint)
+            if step % cfg.train.log_every == 0 or must_checkpoint or epoch_end:
+                values = window.read(reduce)
+                bad = non_finite(values)
+                if bad:
+                    raise NonFiniteLossError(
+                        f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is "
+                        f"{last_ckpt or 'none (no checkpoint written yet)'}; lower the learning rate or resume from it")
+                dt = time.perf_counter() - t_window
+                values["images_per_s"] = steps_window * cfg.optim.batch_size * draws / max(dt, 1e-9)
+                values["epoch"] = step / steps_per_epoch
+                values.update({f"lr/{k}": o.param_groups[0]["lr"] for k, o in family.optimizers.items()})
+                tracker.log_metrics(values, step)
+                progress.update(step, stats=_headline(values, family.headline))
+                t_window, steps_window = time.perf_counter(), 0
+
+            # -- per-epoch history (loss plots per epoch range) and the report's snapshots
+            if epoch_end:
+                report.add_epoch(run.history, epoch, run.epoch_stats.read(reduce))
+                if is_main and (epoch in cfg.train.snapshot_epochs or step == total_steps):
+                    plots.save_grid(sample_grid(), run_dir / "snapshots" / f"epoch_{epoch:03d}.png")
+                    torch.save(gen_net.state_dict(), run_dir / "snapshots" / f"{family.generator_name}_epoch_{epoch:03d}.pt")
+
+            # -- fixed-noise sample grid into the tracker, by step
+            if is_main and (step % cfg.track.image_every == 0 or step == total_steps):
+                img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
+                tracker.log_image(img, key="samples", step=step)
+
+            # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end
+            if cfg.eval.n_samples and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
+                last_metrics = evaluate_metrics()
+                tracker.log_metrics(last_metrics, step)
+                if on_eval is not None:
+                    on_eval(step, last_metrics)
+
+            # -- checkpoint (every checkpoint_every, at the end, on a stop signal)
+            if must_checkpoint:
+                last_ckpt = save_checkpoint() or last_ckpt
+                if stop_here:
+                    status = "stopped"
+                    break
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        progress.close()
+        stop.restore()
+    loop_seconds = time.perf_counter() - t_loop
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Done: the end-of-run report (gancore/train/report.py), the final checkpoint as an artifact
+    metrics: dict[str, float] = dict(last_metrics)
+    if run.best:
+        metrics[f"best_{run.best['key']}"] = run.best["value"]
+    if is_main and status == "finished":
+        if run.epoch_stats.counts:  # a run that ends mid-epoch (or is shorter than one): its last, partial epoch
+            report.add_epoch(run.history, (run.step - 1) // steps_per_epoch + 1, run.epoch_stats.read(reduce))
+        metrics.update(report.end_of_run(cfg, family, run_dir, run.history, {"x": x_all, "y": y_all},
+                                         sampler_uint8(), accelerator.device, tracker))
+        end_metrics = {k: v for k, v in metrics.items() if k not in last_metrics}
+        if end_metrics:
+            tracker.log_metrics(end_metrics, run.step)
+        if cfg.track.log_checkpoints != "none" and last_ckpt is not None:
+            tracker.log_artifact(last_ckpt, "checkpoints")
+    tracker.finish("FINISHED" if status == "finished" else "KILLED")
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, run.run_id, run.step, total_steps, status, last_ckpt, metrics, loop_seconds,
+                     run.step - first_step, stop_signal=stop.signal if status == "stopped" else None)
+
+
+def one_step(family: Family, accelerator: Accelerator, gen_net: torch.nn.Module, draw: Callable[[], Batch],
+             report_stats: Callable[[dict], None], autocast: Any = None) -> None:
+    """One training step: the family's phases, then the generator EMA. `draw()` gives the next real batch,
+    `report_stats(stats)` takes each phase's statistics (0-d tensors, aggregated on the device)."""
+    batch, ctx = None, {}  # ctx: what this step's phases hand each other (families/base.py StepContext)
+    # -- the phases: GAN: D x d_iters (a fresh real batch each), then G (on the last batch); VAE/diffusion: one
+    for phase in family.phases:
+        opt = family.optimizers[phase.optimizer]
+        for _ in range(phase.repeats):
+            if phase.fresh_batch or batch is None:
+                batch = draw()
+            with accelerator.autocast(autocast):
+                loss, stats = phase.loss(batch, ctx)
+            opt.zero_grad(set_to_none=True)  # also clears grads other phases left on these params
+            accelerator.backward(loss)
+            opt.step()
+            report_stats(stats)
+    # -- generator EMA
+    if family.ema is not None:
+        family.ema.update(gen_net)
+
+
+def _headline(values: dict[str, float], keys: tuple[str, ...]) -> str:
+    """The progress bar's text: the family's headline statistics and images/s."""
+    shown = " ".join(f"{k.split('/')[-1] if k.startswith('Loss/') else k} {values[k]:.3f}" for k in keys if k in values)
+    return f"{shown}  {values.get('images_per_s', 0):.0f} img/s"

@@ -1,0 +1,50 @@
+"""Stop requests: SIGUSR1 (Slurm's warning before the time limit / preemption), SIGUSR2 (submitit's) or SIGTERM.
+
+The loop checks `StopFlag.requested(step)` once per step, finishes that step, writes a checkpoint and returns
+"stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import torch
+
+
+class StopFlag:
+    """Set by SIGUSR1, SIGUSR2 or SIGTERM while installed.
+
+    With several processes every rank must stop at the same step (a rank that stops alone leaves the others blocked
+    in a collective), so there the ranks agree with one tiny all-reduce every SYNC_EVERY steps instead of a host
+    sync per step.
+    """
+
+    SYNC_EVERY = 10
+
+    def __init__(self, accelerator: Any = None) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+        self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        if self._acc is None:
+            return self.signal is not None
+        if step % self.SYNC_EVERY:
+            return False
+        flag = torch.tensor([float(self.signal is not None)], device=self._acc.device)
+        return bool(self._acc.reduce(flag, "sum").item() > 0)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
