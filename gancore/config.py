@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
     ema_decay: float = 0.0  # generator EMA decay (e.g. 0.999); 0 = no EMA
-    # the fast path (gancore/fast.py): none | compile (torch.compile the networks) | cudagraph (the whole step
+    # the fast path (gancore/train/fast.py): none | compile (torch.compile the networks) | cudagraph (the whole step
     # captured in one CUDA graph) | compile_cudagraph (both); falls back with a one-line notice where it cannot apply
     compile: str = "none"
     channels_last: bool = infra(False)  # NHWC weights/activations (cuDNN tensor cores under bf16); see bench/
@@ -180,7 +181,7 @@ class Config:
 
 
 # Values checked beyond their type: key -> allowed values.
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[Any, ...]] = {
     "data.split": ("train", "test"),
     "data.on_device": ("auto", "yes", "no"),
     "model.batchnorm": ("both", "g", "d", "none"),
@@ -196,6 +197,92 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ganomaly.disc": ("latent", "image"),
     "eval.extractor": ("auto", "inception", "lenet_mnist", "lenet_fashion_mnist", "cifar_classifier"),
     "eval.real_split": ("data", "train", "test"),
+    "eval.metrics": ("fid", "is", "kid", "pr"),  # each element (gancore/metrics/fidelity.py ALL_METRICS)
+    "model.kernel": (4, 5),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers of one key: lo / hi bounds, each inclusive unless open; `note` says what an edge value means."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def __contains__(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            s = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            s = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            s = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return s + (f" ({self.note})" if self.note else "")
+
+
+POSITIVE = Range(0, lo_open=True)  # > 0
+NON_NEGATIVE = Range(0)  # >= 0
+AT_LEAST_1 = Range(1)
+PROBABILITY = Range(0, 1)  # [0, 1]
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+
+# Numbers checked beyond their type: key -> allowed range (a tuple's every element). A sweep's sampled values go
+# through from_dict too, so a search space that leaves these ranges is rejected when the sweep file is read.
+RANGES: dict[str, Range] = {
+    "data.subset": Range(0, note="0 = all images"),
+    "data.normal_class": Range(-1, note="-1 = every class"),
+    "data.image_size": Range(0, note="0 = native size"),
+    "model.nz": AT_LEAST_1,
+    "model.ngf": AT_LEAST_1,
+    "model.ndf": AT_LEAST_1,
+    "model.num_classes": AT_LEAST_1,
+    "model.embed_dim": AT_LEAST_1,
+    "loss.label_smoothing": Range(0, 1, lo_open=True, note="1 = off"),
+    "loss.instance_noise": Range(0, note="0 = off"),
+    "loss.gp_weight": NON_NEGATIVE,
+    "optim.lr_g": POSITIVE,
+    "optim.lr_d": POSITIVE,
+    "optim.beta1": FRACTION,
+    "optim.beta2": FRACTION,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.batch_size": AT_LEAST_1,
+    "optim.d_iters": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "train.max_steps": Range(0, note="0 = as many as train.epochs give"),
+    "train.seed": Range(0, 2**31 - 1),  # NumPy seeds must fit 32 bits; per-process offsets are added to it
+    "train.ema_decay": Range(0, 1, hi_open=True, note="0 = no EMA"),
+    "train.log_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1,
+    "train.snapshot_epochs": AT_LEAST_1,
+    "train.loss_ranges": AT_LEAST_1,
+    "train.grid_size": AT_LEAST_1,
+    "track.image_every": AT_LEAST_1,
+    "eval.every": Range(0, note="0 = only at the end"),
+    "eval.n_samples": Range(0, note="0 = no metrics"),
+    "eval.batch_size": AT_LEAST_1,
+    "vae.beta": NON_NEGATIVE,
+    "vae.test_subset": Range(0, note="0 = all"),
+    "ganomaly.w_adv": NON_NEGATIVE,
+    "ganomaly.w_con": NON_NEGATIVE,
+    "ganomaly.w_enc": NON_NEGATIVE,
+    "ganomaly.test_subset": Range(0, note="0 = all"),
+    "diffusion.timesteps": AT_LEAST_1,
+    "diffusion.p_uncond": PROBABILITY,
+    "diffusion.guidance": NON_NEGATIVE,
+    "diffusion.sample_steps": AT_LEAST_1,
+    "diffusion.ddim_eta": NON_NEGATIVE,
+    "diffusion.channel_mult": AT_LEAST_1,
+    "diffusion.num_res_blocks": AT_LEAST_1,
+    "diffusion.dropout": FRACTION,
+    "diffusion.sigma": POSITIVE,
 }
 COMPILED = ("compile", "compile_cudagraph")  # train.compile modes that torch.compile the networks
 CAPTURED = ("cudagraph", "compile_cudagraph")  # train.compile modes that capture the whole step (gancore/train/fast.py)
@@ -237,14 +324,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "2e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "2e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -295,11 +387,42 @@ def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[k] = from_dict(v, tp, key + ".")
         else:
-            val = coerce(v, tp, key)
-            if key in CHOICES and val not in CHOICES[key]:
-                raise ConfigError(f"{key}: {val!r} is not one of {', '.join(CHOICES[key])}")
-            kwargs[k] = val
-    return cls(**kwargs)
+            kwargs[k] = check_value(key, coerce(v, tp, key))
+    cfg = cls(**kwargs)
+    if cls is Config:
+        check_relations(cfg)
+    return cfg
+
+
+def _leaves(v: Any) -> list[Any]:
+    """The numbers/strings inside a (nested) tuple value, or the value itself."""
+    return [x for item in v for x in _leaves(item)] if isinstance(v, tuple) else [v]
+
+
+def check_value(key: str, val: Any) -> Any:
+    """`val` (already of the annotated type) against CHOICES and RANGES; a tuple's every element is checked."""
+    show = f"{key}={_yaml_scalar(val)}"
+    for x in _leaves(val):
+        if key in CHOICES and x not in CHOICES[key]:
+            raise ConfigError(f"{show if isinstance(val, tuple) else key}: {x!r} is not one of "
+                              f"{', '.join(map(str, CHOICES[key]))}")
+        if key in RANGES and x not in RANGES[key]:
+            each = "each value " if isinstance(val, tuple) else ""
+            raise ConfigError(f"{show} is out of range: {each}must be {RANGES[key].describe()}")
+    return val
+
+
+def check_relations(cfg: Config) -> None:
+    """Constraints between keys (each key's own range is checked in from_dict)."""
+    for lo, hi in cfg.train.loss_ranges:
+        if lo > hi:
+            raise ConfigError(f"train.loss_ranges: [{lo}, {hi}] starts after it ends; give [first_epoch, last_epoch] "
+                              "pairs, e.g. [[1, 25], [26, 50]]")
+    if cfg.eval.every > 0 and cfg.eval.n_samples == 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} evaluates nothing while eval.n_samples=0; set eval.n_samples "
+                          "(e.g. 10000) or eval.every=0")
+    if cfg.model.conditional and cfg.model.num_classes < 2:
+        raise ConfigError(f"model.conditional=true needs model.num_classes >= 2, got {cfg.model.num_classes}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Decoded arrays are cached as plain .npy (LZMA-compressed npz takes seconds to de
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +32,28 @@ def _missing(name: str, looked: list[Path], hint: str) -> DataError:
     return DataError(f"dataset {name!r} not found (looked in {where}); {hint}")
 
 
+def _root(cfg: DataConfig) -> Path:
+    """The data directory; a file there is an error (not a silently empty dataset folder)."""
+    root = data_root(cfg.root)
+    if root.exists() and not root.is_dir():
+        src = "data.root" if cfg.root else ("$GANCORE_DATA" if os.environ.get("GANCORE_DATA") else "./data")
+        raise DataError(f"data directory {str(root)!r} ({src}) is a file; point {src} at the folder holding the "
+                        "datasets")
+    return root
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """np.load of an .npz archive (no pickles); anything else is a DataError naming the file."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}); check the path or recreate it "
+                        "with numpy.savez") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy array
+        raise DataError(f"{path} is a single .npy array, not an .npz archive; save it with numpy.savez(path, x=...)")
+    return z
+
+
 def _cached_npz(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     """np.load(path)[keys], decoded once and kept as uncompressed .npy (safe for concurrent writers)."""
     st = path.stat()
@@ -40,11 +64,15 @@ def _cached_npz(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         if f.is_file():
             out.append(np.load(f, mmap_mode="r"))
             continue
-        try:
-            with np.load(path) as z:
+        with _open_npz(path) as z:
+            if k not in z.files:
+                raise DataError(f"{path} has no array {k!r} (found: {', '.join(z.files) or 'none'}); "
+                                "replace it with the dataset's original file")
+            try:
                 arr = z[k]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"cannot read {k!r} from {path}: {e}") from None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"cannot read {k!r} from {path} ({type(e).__name__}); the file is damaged, "
+                                "replace it") from None
         try:
             atomic_write(f, lambda fh: np.save(fh, arr))  # a concurrent reader sees no file or the whole one
         except OSError:
@@ -72,7 +100,7 @@ def _torchvision(cls_name: str, root: Path, train: bool, download: bool) -> Arra
 
 def _mnist_like(name: str, npz_name: str, tv_name: str) -> Callable[[DataConfig], Arrays]:
     def load(cfg: DataConfig) -> Arrays:
-        root = data_root(cfg.root)
+        root = _root(cfg)
         npz = root / npz_name
         if npz.is_file():
             s = "train" if cfg.split == "train" else "test"
@@ -92,7 +120,7 @@ DATASETS.register("fashion_mnist")(_mnist_like("fashion_mnist", "fashion_mnist.n
 
 @DATASETS.register("cifar10")
 def _cifar10(cfg: DataConfig) -> Arrays:
-    root = data_root(cfg.root)
+    root = _root(cfg)
     d = root / "cifar10"
     files = [d / f"train_{k}.npz" for k in range(5)] if cfg.split == "train" else [d / "test.npz"]
     if all(f.is_file() for f in files):
@@ -111,13 +139,25 @@ def _npz(cfg: DataConfig) -> Arrays:
     if not cfg.path:
         raise DataError("data.name=npz needs data.path=FILE.npz (arrays x and optionally y)")
     p = Path(cfg.path).expanduser()
+    if p.is_dir():
+        raise DataError(f"data.path={p} is a folder; data.name=npz needs an .npz file (data.name=folder reads a "
+                        "folder of images)")
     if not p.is_file():
         raise _missing("npz", [p], "check data.path")
-    with np.load(p) as z:
-        if "x" not in z:
-            raise DataError(f"{p} has no array 'x' (found: {', '.join(z.files)})")
-        x = z["x"]
-        y = z["y"] if "y" in z else np.zeros(len(x), np.int64)
+    with _open_npz(p) as z:
+        if "x" not in z.files:
+            raise DataError(f"{p} has no array 'x' (found: {', '.join(z.files) or 'none'}); data.name=npz needs x "
+                            "(N, H, W[, C]) uint8 and optionally y (N,)")
+        try:
+            x = z["x"]
+            y = z["y"] if "y" in z.files else np.zeros(len(x), np.int64)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read the arrays of {p} ({type(e).__name__}); the file is damaged") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+        raise DataError(f"{p}: x is {x.dtype} {x.shape}; data.name=npz needs uint8 images (N, H, W) or "
+                        "(N, H, W, C) with C = 1 or 3")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{p}: y is {y.dtype} {y.shape}; it must hold one integer label per image ({len(x)},)")
     return x, y
 
 
@@ -129,6 +169,9 @@ def _folder(cfg: DataConfig) -> Arrays:
     if not cfg.path:
         raise DataError("data.name=folder needs data.path=DIR")
     root = Path(cfg.path).expanduser()
+    if root.is_file():
+        raise DataError(f"data.path={root} is a file; data.name=folder needs a folder of images "
+                        "(data.name=npz reads an .npz file)")
     if not root.is_dir():
         raise _missing("folder", [root], "check data.path")
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -140,11 +183,14 @@ def _folder(cfg: DataConfig) -> Arrays:
         raise DataError(f"no images ({', '.join(sorted(exts))}) in {root}")
     imgs = []
     for p, _ in items:
-        im = Image.open(p)
-        im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
-        if cfg.image_size:
-            im = im.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-        imgs.append(np.asarray(im))
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
+                if cfg.image_size:
+                    im = im.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+                imgs.append(np.asarray(im))
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {p} ({type(e).__name__}); remove or replace it") from None
     if len({a.shape for a in imgs}) > 1:
         raise DataError(f"images in {root} differ in size; set data.image_size=S to resize them")
     return np.stack(imgs), np.array([c for _, c in items], np.int64)

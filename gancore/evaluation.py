@@ -3,27 +3,41 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 
+from gancore.errors import CheckpointError, MetricsError
 from gancore.train import state as ckpt
-from gancore.errors import CheckpointError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def checkpoint_file(target: str | Path, latest: bool = False) -> Path:
+    """A checkpoint file, or a run dir's best.pt (else its latest; `latest`: always its latest), checked cheaply:
+    a missing file or one that is not a torch archive is a one-line CheckpointError before anything is loaded."""
+    p = Path(target)
+    if p.is_dir():
+        best = p / ckpt.CKPT_DIR / ckpt.BEST
+        found = best if best.is_file() and not latest else ckpt.latest(p)
+        if found is None:
+            raise CheckpointError(f"no checkpoints in {p}/{ckpt.CKPT_DIR}; pass a run dir that holds some or a "
+                                  "checkpoint file")
+        p = found
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} not found; pass a checkpoint file (.pt) or a run dir")
+    if not zipfile.is_zipfile(p):  # torch.save's format; anything else would fail deep inside the unpickler
+        raise CheckpointError(f"{str(p)!r} is not a gancore checkpoint (not a torch.save archive); pass a file "
+                              f"from a run's {ckpt.CKPT_DIR}/ folder")
+    return p
 
 
 def resolve_target(target: str, uri: str | None = None) -> tuple[Path, str | None]:
     """(checkpoint path, MLflow run id or None) for a run id, a run directory or a checkpoint file."""
     p = Path(target)
-    if p.is_file():
-        return p, None
-    if p.is_dir():
-        best = p / ckpt.CKPT_DIR / "best.pt"
-        found = best if best.is_file() else ckpt.latest(p)
-        if found is None:
-            raise CheckpointError(f"no checkpoints in {p}/{ckpt.CKPT_DIR}")
-        return found, None
+    if p.exists():
+        return checkpoint_file(p), None
     if _RUN_ID.match(target):
         from gancore.tracking import open_run_info
 
@@ -39,11 +53,14 @@ def resolve_target(target: str, uri: str | None = None) -> tuple[Path, str | Non
 def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None = None, device: str | None = None,
                         log: bool = True, uri: str | None = None, seed: int = 0) -> tuple[dict[str, float], str | None]:
     """FID/IS/KID/PR of a trained generator; logged into its MLflow run (at the checkpoint's step) when known."""
+    from gancore.generate import torch_device
     from gancore.metrics import evaluate
     from gancore.train.state import load_family
 
+    if n is not None and n <= 0:
+        raise MetricsError(f"-n {n}: the number of generated samples must be positive")
     path, run_id = resolve_target(target, uri)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch_device(device or "auto")
     family, cfg, state = load_family(path, dev)
     run_id = run_id or state.get("run_id")
     g = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,58 @@ def sample_uint8(family, n: int, seed: int = 0, batch_size: int = 500) -> tuple[
     return x, (torch.cat(ys).numpy() if ys else None)
 
 
+FORMATS = ("png", "npz", "h5")
+
+
+def check_output(out: Path, fmt: str) -> None:
+    """--out fits the format and can be written: png -> a folder, npz/h5 -> a file; checked before sampling."""
+    if fmt not in FORMATS:
+        raise GancoreError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+    if fmt == "png" and out.exists() and not out.is_dir():
+        raise GancoreError(f"--out {str(out)!r} is an existing file; png samples go into a folder (or name a "
+                           "FILE.npz / FILE.h5 with --format npz|h5)")
+    if fmt != "png" and out.is_dir():
+        raise GancoreError(f"--out {str(out)!r} is a folder; --format {fmt} writes one file (e.g. samples.{fmt})")
+    parent = out if fmt == "png" else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GancoreError(f"cannot write {str(out)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GancoreError(f"cannot write {str(out)!r}: no write permission in {str(parent)!r}")
+
+
+def torch_device(device: str) -> torch.device:
+    """A usable torch device from a user's string (auto, cpu, cuda, cuda:1), or a one-line error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise GancoreError(f"--device {device!r} is not a torch device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise GancoreError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise GancoreError(f"--device {device!r} is not supported; use cpu or cuda[:N]")
+    return dev
+
+
 def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = None, seed: int = 0,
              batch_size: int = 500, device: str = "cpu") -> Path:
-    """Load the checkpoint, draw n samples, write them; returns the output path."""
+    """Load the checkpoint, draw n samples, write them; returns the output path. Every argument is checked before
+    the checkpoint is loaded; device "auto": cuda when available."""
+    from gancore.evaluation import checkpoint_file
     from gancore.train.state import load_family
 
     if n <= 0:
-        raise GancoreError("-n must be positive")
+        raise GancoreError(f"-n {n}: the number of images must be positive")
+    if batch_size <= 0:
+        raise GancoreError(f"--batch-size {batch_size}: must be positive")
     out = Path(out)
     fmt = fmt or {".npz": "npz", ".h5": "h5", ".hdf5": "h5"}.get(out.suffix.lower(), "png")
-    family, cfg, _ = load_family(checkpoint, device)
+    check_output(out, fmt)  # before the (possibly long) sampling
+    dev = torch_device(device)
+    family, cfg, _ = load_family(checkpoint_file(checkpoint, latest=True), dev)
     x, y = sample_uint8(family, n, seed, batch_size)
     if fmt == "png":
         from PIL import Image

@@ -1,8 +1,9 @@
 """Where files live and how they are written: the cache dir, the data root, the one atomic write.
 
 Every file another process may read while it is written (checkpoints, cached arrays and statistics, extractor
-weights, best.yaml) goes through `atomic_write`: a temp file in the same folder, then one rename, so a reader sees
-the old file or the whole new one, never half of it.
+weights, best.yaml) goes through `atomic_write`: a temp file in the same folder, flushed to disk, then one rename,
+so a reader -- or the next process after a kill -9 or a machine crash -- sees the old file or the whole new one,
+never half of it. A write that fails removes its temp file and leaves the old file as it was.
 """
 
 from __future__ import annotations
@@ -40,7 +41,28 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], Any] | str | bytes
                 fh.write(write)
             else:
                 write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it the file (crash safety)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # ... and the rename itself survives a machine crash
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def temp_name_pattern(name: str) -> str:
+    """The glob matching the temp files `atomic_write` uses for `name` (any process): `.NAME.<pid>.tmp`."""
+    return f".{name}.*.tmp"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform or filesystem without directory handles: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -7,15 +7,13 @@ run's MLflow record at the checkpoint's step. A run directory evaluates its best
 
 from __future__ import annotations
 
-import argparse
-
-from _cli import run
+from _cli import Parser, positive_int, run
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("target", help="an MLflow run id, a run directory or a checkpoint file")
-    ap.add_argument("-n", type=int, help="generated samples (default eval.n_samples of the run, else 10000)")
+    ap.add_argument("-n", type=positive_int, help="generated samples (default eval.n_samples of the run, else 10000)")
     ap.add_argument("--extractor", help="auto | inception | lenet_mnist | cifar_classifier (default: the run's)")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--no-log", action="store_true", help="print only; do not log into the MLflow run")

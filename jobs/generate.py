@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import argparse
-
-from _cli import run
+from _cli import Parser, non_negative_int, positive_int, run
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = Parser(description=__doc__)
     ap.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
-    ap.add_argument("-n", type=int, default=64, help="number of images")
+    ap.add_argument("-n", type=positive_int, default=64, help="number of images")
     ap.add_argument("--format", choices=["png", "npz", "h5"], help="default: from --out's suffix (folder -> png)")
     ap.add_argument("--out", required=True, help="output: a folder (png), FILE.npz or FILE.h5")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--batch-size", type=positive_int, default=500)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     args = ap.parse_args()
 
     from gancore.generate import generate
@@ -25,12 +23,6 @@ def main() -> int:
                     batch_size=args.batch_size, device=args.device)
     print(f"wrote {args.n} images to {path}")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -3,22 +3,21 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _cli sits beside this file (also when loaded by path)
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _cli import call, run  # noqa: E402
+from _cli import Parser, call, positive_int, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, print the runs table; returns the exit code (`_cli.call` maps a user error to one line and code 2)."""
-    p = argparse.ArgumentParser(description="Runs of an MLflow experiment: key params, headline statistics, best FID.")
+    p = Parser(description="Runs of an MLflow experiment: key params, headline statistics, best FID.")
     p.add_argument("--experiment", default="gancore", help="MLflow experiment name (default: gancore)")
     p.add_argument("--sort", default=None, help="order by a metric's last value, ascending; --sort=-NAME descends")
-    p.add_argument("--limit", type=int, default=20, help="at most this many runs (default: 20)")
+    p.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default: 20)")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     args = p.parse_args(argv)
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from _cli import quiet_third_party, run
+from _cli import (
+    Parser,
+    non_negative_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    quiet_third_party,
+    run,
+)
 
 
 def main() -> int:
@@ -20,33 +28,33 @@ def main() -> int:
     from gancore.cluster.resources import CLUSTERS, Resources
 
     default = Resources()  # the one place the resource defaults live
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--cluster", choices=CLUSTERS, default="slurm",
                     help="slurm: sbatch via submitit; local: subprocesses on this machine; debug: in this process")
     ap.add_argument("--config", help="preset YAML (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides shared by every run")
-    ap.add_argument("--out", help="run dir (several runs: DIR-00, DIR-01, ...); default runs/<preset>-<timestamp>")
+    ap.add_argument("--out", type=out_dir, help="run dir (several runs: DIR-00, DIR-01, ...); default runs/<preset>-<timestamp>")
     several = ap.add_argument_group("several runs")
     several.add_argument("--sweep-file", help="one override set per line ('k=v k2=v2'; # comments)")
     several.add_argument("--set", dest="sets", action="append", default=[], metavar="'K=V K2=V2'",
                          help="one override set (repeat for more runs)")
     several.add_argument("--seeds", help="comma-separated train.seed values, crossed with the override sets")
     res = ap.add_argument_group("resources (per run)")
-    res.add_argument("--gpus", type=int, default=default.gpus,
+    res.add_argument("--gpus", type=non_negative_int, default=default.gpus,
                      help="GPUs per node, one training process each (default %(default)s)")
-    res.add_argument("--nodes", type=int, default=default.nodes, help="(default %(default)s)")
-    res.add_argument("--cpus", type=int, default=default.cpus, help="CPUs per process (default %(default)s)")
+    res.add_argument("--nodes", type=positive_int, default=default.nodes, help="(default %(default)s)")
+    res.add_argument("--cpus", type=positive_int, default=default.cpus, help="CPUs per process (default %(default)s)")
     res.add_argument("--mem", default=default.mem, help="memory per node, e.g. 16G (default %(default)s)")
     res.add_argument("--time", default=default.time, help="time limit: minutes or H:MM:SS (default %(default)s)")
     res.add_argument("--partition", help="Slurm partition (-p)")
     res.add_argument("--account", help="Slurm account (-A)")
     res.add_argument("--qos", help="Slurm QOS")
     ap.add_argument("--name", help="job name (default gancore-<preset>)")
-    ap.add_argument("--folder", default=runs.DEFAULT_FOLDER,
+    ap.add_argument("--folder", type=out_dir, default=runs.DEFAULT_FOLDER,
                     help="submitit folder: job pickles and logs (default %(default)s)")
     ap.add_argument("--wait", action="store_true", help="show a live status table until every job ended, then the results")
-    ap.add_argument("--poll", type=float, default=runs.POLL_S,
+    ap.add_argument("--poll", type=positive_float, default=runs.POLL_S,
                     help="--wait: seconds between status checks (default %(default)s)")
     args = ap.parse_intermixed_args()  # k=v overrides may come before or after the options
     quiet_third_party()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from _cli import quiet_third_party, run
+from _cli import Parser, out_dir, positive_float, positive_int, quiet_third_party, run
 
 
 def _workers(v: str) -> int | str:
@@ -29,7 +29,7 @@ def _workers(v: str) -> int | str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = Parser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", help="sweep file (sweeps/*.yaml)")
     ap.add_argument("--workers", type=_workers, help="parallel workers, a number or auto (the measured best "
@@ -38,9 +38,9 @@ def main() -> int:
     ap.add_argument("--launcher", choices=("local", "slurm"), default="local",
                     help="local: worker processes on this machine; slurm: a Slurm job array through submitit")
     ap.add_argument("--storage", help="Optuna storage URL (sqlite:///F.db, journal:F.log, postgresql://...)")
-    ap.add_argument("--n-trials", type=int, help="total trials of the study (overrides budget.n_trials)")
-    ap.add_argument("--timeout-s", type=float, help="stop starting trials after this many seconds (per run)")
-    ap.add_argument("--out", help="root of sweep dirs (default: the sweep file's `out`, else runs/sweeps)")
+    ap.add_argument("--n-trials", type=positive_int, help="total trials of the study (overrides budget.n_trials)")
+    ap.add_argument("--timeout-s", type=positive_float, help="stop starting trials after this many seconds (per run)")
+    ap.add_argument("--out", type=out_dir, help="root of sweep dirs (default: the sweep file's `out`, else runs/sweeps)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--worker", action="store_true", help="be one worker of an already prepared sweep")
     mode.add_argument("--prepare", action="store_true", help="create/check the study and parent run, then exit")
@@ -52,6 +52,10 @@ def main() -> int:
 
     sweep = load_sweep(args.sweep, storage=args.storage, n_trials=args.n_trials, timeout_s=args.timeout_s,
                        out=args.out)
+    try:  # the sweep file's own `out:` is checked here as --out is by argparse
+        out_dir(str(sweep.dir))
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"sweep dir: {e}")
     if args.worker:
         return run_worker(sweep)
     return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,

@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import argparse
 import os
+import zipfile
+from pathlib import Path
 
-from _cli import quiet_third_party, run
+from _cli import Parser, out_dir, positive_int, quiet_third_party, run
 
 from gancore.errors import EXIT_STOPPED
 
 
+def resume_arg(v: str) -> str:
+    """argparse type for --resume: auto, or an existing checkpoint file / run dir (checked before anything runs)."""
+    p = Path(v)
+    if v == "auto" or p.is_dir():
+        return v
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"checkpoint {v!r} not found; pass auto, a checkpoint file or a run dir")
+    if not zipfile.is_zipfile(p):  # torch.save's format
+        raise argparse.ArgumentTypeError(f"{v!r} is not a gancore checkpoint (not a torch.save archive)")
+    return v
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="preset YAML (configs/*.yaml); defaults alone when omitted")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=1e-4 model.nz=64")
-    ap.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
-    ap.add_argument("--resume", help="'auto' (latest checkpoint of --out, or of the newest runs/<preset>-*) or a checkpoint path")
-    ap.add_argument("--stop-after", type=int, help="stop after this many steps with a checkpoint (testing resume)")
+    ap.add_argument("--out", type=out_dir, help="run directory (default runs/<preset>-<timestamp>)")
+    ap.add_argument("--resume", type=resume_arg, help="'auto' (latest checkpoint of --out, or of the newest runs/<preset>-*) or a checkpoint path")
+    ap.add_argument("--stop-after", type=positive_int, help="stop after this many steps with a checkpoint (testing resume)")
     args = ap.parse_args()
     quiet_third_party()
 
     from gancore.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails in a blink
     from gancore.train.loop import fit
 
-    cfg = load_config(args.config, args.overrides)
     result = fit(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
     if os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run: the main one reports
         return EXIT_STOPPED if result.status == "stopped" else 0

@@ -4,24 +4,27 @@
 
 from __future__ import annotations
 
-import argparse
+from _cli import Parser, non_negative_int, out_file, positive_int, run
 
-from _cli import run
+DATASETS = ("cifar10", "fashion_mnist", "mnist")  # gancore.metrics.classifier.FOR_DATASET (checked below)
 
 
 def main() -> int:
+    ap = Parser(description=__doc__)
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap.add_argument("--epochs", type=positive_int, help="default: the extractor's recipe (MNIST 2, CIFAR-10 4)")
+    ap.add_argument("--out", type=out_file, help="weights file (a state_dict); default: where metrics look for it")
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto")
+    args = ap.parse_args()  # before the heavy imports: a bad flag fails in a blink
+    from gancore.generate import torch_device
     from gancore.metrics.classifier import FOR_DATASET, train_classifier
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dataset", required=True, choices=sorted(FOR_DATASET))
-    ap.add_argument("--epochs", type=int, help="default: the extractor's recipe (MNIST 2, CIFAR-10 4)")
-    ap.add_argument("--out", help="weights file (a state_dict); default: where metrics look for it")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-
+    device = torch_device(args.device)  # a one-line error for a bad or absent device, before any data is read
+    if args.dataset not in FOR_DATASET:
+        ap.error(f"argument --dataset: no domain classifier for {args.dataset!r}; known: {', '.join(FOR_DATASET)}")
     info = train_classifier(FOR_DATASET[args.dataset], epochs=args.epochs, out=args.out, seed=args.seed,
-                            device=args.device)
+                            device=device)
     print(f"{info['name']}: test accuracy {info['test_accuracy']:.4f} after {info['epochs']} epochs "
           f"({info['seconds']:.0f} s) -> {info['path']}")
     return 0

@@ -19,6 +19,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 DATA = Path(os.environ["GANCORE_DATA"])
 
 
+# CI switches (.ci/run sets all three): what a developer's machine may lack is skipped there, but in CI a skip would
+# hide a broken setup, so it fails. GANCORE_REQUIRE_DATA=1: a missing dataset fails, and so does every other skip
+# except those marked `may_skip` (no GPU, no FID Inception weights). GANCORE_REQUIRE_PG=1: the PostgreSQL tests
+# fail when GANCORE_TEST_PG_URL is unset. GANCORE_REQUIRE_SLURM=1: see test_slurm.py.
+REQUIRE_DATA = os.environ.get("GANCORE_REQUIRE_DATA") == "1"
+REQUIRE_PG = os.environ.get("GANCORE_REQUIRE_PG") == "1"
+PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
+
+
 def have_mnist() -> bool:
     return (DATA / "mnist.npz").is_file()
 
@@ -27,8 +36,43 @@ def have_cifar() -> bool:
     return (DATA / "cifar10" / "test.npz").is_file()
 
 
-needs_mnist = pytest.mark.skipif(not have_mnist(), reason=f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)")
-needs_cifar = pytest.mark.skipif(not have_cifar(), reason=f"CIFAR-10 not found under {DATA}/cifar10 (set GANCORE_DATA)")
+# resource -> (present?, why not, the switch that makes its absence a failure)
+_NEEDS = {
+    "mnist": (have_mnist, f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)", "GANCORE_REQUIRE_DATA"),
+    "cifar": (have_cifar, f"CIFAR-10 not found under {DATA}/cifar10 (set GANCORE_DATA)", "GANCORE_REQUIRE_DATA"),
+    "pg": (lambda: bool(PG_URL), "GANCORE_TEST_PG_URL not set (.ci/run starts PostgreSQL and sets it)",
+           "GANCORE_REQUIRE_PG"),
+}
+needs_mnist = pytest.mark.needs("mnist")
+needs_cifar = pytest.mark.needs("cifar")
+needs_pg = pytest.mark.needs("pg")
+may_skip = pytest.mark.may_skip  # the only skips CI accepts: no CUDA GPU, no FID Inception weights
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(resource): skipped without mnist / cifar / pg; failed instead in CI")
+    config.addinivalue_line("markers", "may_skip: a skip CI accepts (GPU, Inception weights)")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        present, why, switch = _NEEDS[mark.args[0]]
+        if not present():
+            if os.environ.get(switch) == "1":
+                pytest.fail(f"{switch}=1 but {why}", pytrace=False)
+            pytest.skip(why)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (GANCORE_REQUIRE_DATA=1) a skip not marked may_skip is a failure: CI cannot pass by skipping."""
+    report = yield
+    if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and not item.get_closest_marker("may_skip"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"skipped in CI, where only GPU / Inception-weights tests may skip "
+                           f"(GANCORE_REQUIRE_DATA=1): {reason}")
+    return report
 
 
 def tiny(*overrides: str, config: str | None = "configs/quickstart.yaml"):
@@ -53,7 +97,8 @@ def _in_tmp(tmp_path, monkeypatch):
 # once, and all Slurm tests live in test_slurm.py, so only one worker submits to the single-node cluster at a time.
 # (loadgroup would be finer, but pytest-xdist 3.8 cannot set group ids on pytest 9.2's node ids.) Files go out in
 # this order, the longest first, so that no worker is left with a long one at the end.
-_FIRST = ("tests/test_slurm.py", "tests/test_sweep.py", "tests/test_metrics.py", "tests/test_fast_path.py")
+_FIRST = ("tests/test_slurm.py", "tests/test_sweep.py", "tests/test_metrics.py", "tests/test_fast_path.py",
+          "tests/test_tracking_outage.py", "tests/test_faults.py", "tests/test_sweep_faults.py")
 
 
 def pytest_collection_modifyitems(config, items):

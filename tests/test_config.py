@@ -94,3 +94,59 @@ def test_cli_unknown_key_exits_2_with_one_line():
                         "bogus.key=1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "bogus.key" in r.stderr
+
+
+def test_ranges_name_real_keys_and_the_defaults_fit():
+    """RANGES/CHOICES are declarative: every key exists, and every default lies inside its own range."""
+    from gancore.config import CHOICES, RANGES, all_keys
+
+    keys = set(all_keys())
+    assert set(RANGES) <= keys and set(CHOICES) <= keys
+    values = flat(Config(), include_infra=True)
+    def leaves(v):
+        return [x for item in v for x in leaves(item)] if isinstance(v, (list, tuple)) else [v]
+
+    for key, rng in RANGES.items():
+        assert leaves(values[key]), key
+        for leaf in leaves(values[key]):
+            assert leaf in rng, (key, leaf, rng.describe())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.batch_size=0", "optim.batch_size=0 is out of range: must be >= 1"),
+    ("optim.lr_g=0", "optim.lr_g=0.0 is out of range: must be > 0"),
+    ("optim.beta1=1.0", "optim.beta1=1.0 is out of range: must be in [0, 1)"),
+    ("loss.label_smoothing=0", "loss.label_smoothing=0.0 is out of range: must be in (0, 1] (1 = off)"),
+    ("diffusion.p_uncond=-0.1", "diffusion.p_uncond=-0.1 is out of range: must be in [0, 1]"),
+    ("train.ema_decay=1", "train.ema_decay=1.0 is out of range: must be in [0, 1) (0 = no EMA)"),
+    ("train.max_steps=-1", "train.max_steps=-1 is out of range: must be >= 0 (0 = as many as train.epochs give)"),
+    ("eval.n_samples=-1", "eval.n_samples=-1 is out of range: must be >= 0 (0 = no metrics)"),
+    ("train.loss_ranges=[[0,2]]", "train.loss_ranges=[[0, 2]] is out of range: each value must be >= 1"),
+    ("optim.lr_g=nan", "optim.lr_g: expected a finite number, got 'nan'"),
+    ("eval.metrics=[fid,mse]", "eval.metrics=[fid, mse]: 'mse' is not one of fid, is, kid, pr"),
+    ("eval.every=10", "eval.every=10 evaluates nothing while eval.n_samples=0"),
+])
+def test_out_of_range_is_one_line_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(None, ["optim.beta1=0", "loss.label_smoothing=1", "diffusion.p_uncond=1", "train.max_steps=0",
+                             "eval.every=5", "eval.n_samples=100", "train.loss_ranges=[[2,2]]"])
+    assert (cfg.optim.beta1, cfg.loss.label_smoothing, cfg.diffusion.p_uncond) == (0.0, 1.0, 1.0)
+    assert cfg.train.loss_ranges == ((2, 2),)
+
+
+def test_replace_checks_ranges_like_from_dict():
+    """replace() is what a sweep applies to each sampled value: the same range check."""
+    with pytest.raises(ConfigError, match=r"optim.d_iters=0 is out of range"):
+        replace(Config(), **{"optim.d_iters": 0})
+
+
+@pytest.mark.parametrize("sweep", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_file_loads(sweep):
+    from gancore.sweep import load_sweep
+
+    assert load_sweep(sweep).base.eval.n_samples > 0

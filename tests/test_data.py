@@ -84,3 +84,31 @@ def test_loader_shards_across_processes():
     shards = [DeviceLoader(x, y, batch_size=8, seed=0, device=torch.device("cpu"), rank=r, world=2) for r in range(2)]
     b0, b1 = shards[0].next()[1], shards[1].next()[1]
     assert len(b0) == len(b1) == 4 and not set(b0.tolist()) & set(b1.tolist())
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"y": np.zeros(3, np.int64)}, "has no array 'x' (found: y)"),
+    ({"x": np.zeros((3, 8, 8), np.float32)}, "x is float32 (3, 8, 8); data.name=npz needs uint8 images"),
+    ({"x": np.zeros((3, 8, 8, 2), np.uint8)}, "with C = 1 or 3"),
+    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.zeros(2, np.int64)}, "one integer label per image (3,)"),
+])
+def test_npz_with_wrong_arrays_is_one_line(tmp_path, arrays, message):
+    np.savez(tmp_path / "s.npz", **arrays)
+    with pytest.raises(DataError) as e:
+        load_images(DataConfig(name="npz", path=str(tmp_path / "s.npz")))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_paths_are_one_line(tmp_path):
+    (tmp_path / "f.npz").write_text("not an archive")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"\x89PNG broken")
+    cases = [(DataConfig(name="npz", path=str(tmp_path / "f.npz")), "is not a readable .npz file"),
+             (DataConfig(name="npz", path=str(tmp_path)), "is a folder; data.name=npz needs an .npz file"),
+             (DataConfig(name="folder", path=str(tmp_path / "f.npz")), "is a file; data.name=folder needs a folder"),
+             (DataConfig(name="folder", path=str(tmp_path / "imgs")), "cannot read image"),
+             (DataConfig(name="mnist", root=str(tmp_path / "f.npz")), "(data.root) is a file")]
+    for cfg, message in cases:
+        with pytest.raises(DataError) as e:
+            load_images(cfg)
+        assert message in str(e.value) and "\n" not in str(e.value), (cfg, str(e.value))

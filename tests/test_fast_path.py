@@ -1,4 +1,4 @@
-"""The fast path (train.compile, gancore/fast.py) against the plain loop; GPU-only parts skip with a reason on CPU.
+"""The fast path (train.compile, gancore/train/fast.py) against the plain loop; GPU-only parts skip with a reason on CPU.
 
 Stated tolerances.
 - The static step (what `cudagraph` captures on a GPU; on a CPU it runs uncaptured) is bit-identical to the plain
@@ -23,11 +23,16 @@ from gancore.families.base import adam_options
 from gancore.registry import FAMILIES
 from gancore.train.stats import StatsAccumulator
 from gancore.train.loop import fit
-from conftest import needs_mnist, tiny
+from conftest import may_skip, needs_mnist, tiny
 
 STEPS = 50
 RTOL_GRAD, RTOL_WEIGHTS, RTOL_LOSS = 1e-4, 5e-2, 1e-2
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture)")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture)")
+
+
+def needs_cuda(test):
+    """Skipped without a CUDA GPU: the one skip CI (a CPU machine) accepts, with the Inception-weights test."""
+    return may_skip(_no_cuda(test))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +217,28 @@ def _grads(fam, batch):
     return out
 
 
-def test_compiled_step_matches_eager_cpu():
+@pytest.fixture
+def dynamo():
+    """torch._dynamo's counters, cleared; afterwards its suppress_errors flag (compile_networks sets it True: a failed
+    compilation falls back to eager) is restored, so no later test inherits a silent fallback."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.config.suppress_errors = suppress
+    torch._dynamo.reset()
+
+
+def _assert_compiled(counters) -> None:
+    """Dynamo captured graphs and the backend compiled them; a fallback to eager (suppress_errors) counts no 'ok'."""
+    frames, aot = dict(counters["frames"]), dict(counters["aot_autograd"])
+    assert frames.get("ok", 0) > 0 and aot.get("ok", 0) > 0, f"torch.compile fell back to eager: {frames}, {aot}"
+
+
+def test_compiled_step_matches_eager_cpu(dynamo):
     cfg = load_config(None, ["model.arch=mlp", "model.nz=16"])
     torch.manual_seed(0)
     eager = FAMILIES["gan"](cfg, (1, 28, 28), 10)
@@ -224,6 +250,7 @@ def test_compiled_step_matches_eager_cpu():
     for (le, ge), (lc, gc) in zip(_grads(eager, batch), _grads(comp, batch)):
         assert lc.item() == pytest.approx(le.item(), rel=RTOL_GRAD)
         assert (ge - gc).abs().max().item() <= RTOL_GRAD * ge.abs().max().item()
+    _assert_compiled(dynamo)
 
 
 def _run(tmp_path, mode, *over):
@@ -243,8 +270,11 @@ def _assert_tracks(eager, fast_):
 
 @needs_mnist
 @pytest.mark.slow
-def test_compiled_training_tracks_eager_fp32_cpu(tmp_path):
-    _assert_tracks(_run(tmp_path, "none"), _run(tmp_path, "compile"))
+def test_compiled_training_tracks_eager_fp32_cpu(tmp_path, dynamo):
+    eager = _run(tmp_path, "none")
+    assert not dynamo["frames"]  # the plain loop compiles nothing
+    _assert_tracks(eager, _run(tmp_path, "compile"))
+    _assert_compiled(dynamo)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,8 +284,10 @@ def test_compiled_training_tracks_eager_fp32_cpu(tmp_path):
 @needs_mnist
 @needs_cuda
 @pytest.mark.parametrize("mode", ["compile", "cudagraph", "compile_cudagraph"])
-def test_fast_training_tracks_eager_fp32_gpu(tmp_path, mode):
+def test_fast_training_tracks_eager_fp32_gpu(tmp_path, mode, dynamo):
     _assert_tracks(_run(tmp_path, "none", "model.arch=dcgan_mnist"), _run(tmp_path, mode, "model.arch=dcgan_mnist"))
+    if "compile" in mode:
+        _assert_compiled(dynamo)
 
 
 @needs_mnist

@@ -24,13 +24,24 @@ TINY = ["data.subset=64", "optim.batch_size=32", "train.epochs=1", "train.progre
 SUBMIT = [sys.executable, str(ROOT / "jobs" / "submit.py")]
 
 
+def _finished(job, timeout: float = 240):
+    """job.result() once the job is done; submitit's own wait has no deadline, so a stuck job would hang the test."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not job.done():
+        assert time.monotonic() < end, f"job {job.job_id} not done after {timeout:.0f} s"
+        time.sleep(0.5)
+    return job.result()
+
+
 @needs_mnist
 def test_local_executor_runs_and_returns_the_result(tmp_path):
     store = tmp_path / "mlruns" / "mlflow.db"
     runs = expand_runs([*TINY, f"track.uri=sqlite:///{store}"])
     (sub,) = submit_runs("local", CONFIG, runs, Resources(time="20"), out="r", folder=tmp_path / "sub")
     assert sub.job_obj.out == str(tmp_path / "r") and sub.job_obj.resume is None
-    result = sub.job.result()
+    result = _finished(sub.job)
     assert result.status == "finished" and result.step == result.total_steps == 2
     assert Path(result.run_dir) == tmp_path / "r" and ckpt.latest(tmp_path / "r").name == "step_00000002.pt"
     from mlflow.tracking import MlflowClient
@@ -152,7 +163,7 @@ def test_sbatch_headers_mirror_the_resource_defaults(script):
 def test_submit_cli_local_wait(tmp_path):
     p = subprocess.run([*SUBMIT, "--cluster", "local", "--config", CONFIG, *TINY, "track.enabled=false",
                         "--set", "optim.lr_g=1e-4", "--set", "optim.lr_g=3e-4", "--time", "20", "--wait", "--poll", "1"],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=240)  # below the per-test timeout (pyproject)
     assert p.returncode == 0, p.stdout + p.stderr
     submitted = [ln for ln in p.stdout.splitlines() if ln.startswith("submitted ")]
     assert len(submitted) == 2 and all(" log logs/submitit/" in ln for ln in submitted)

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GANCORE_DATA") or ROOT.parent / "shared" / "data")
-needs_mnist = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(),
-                                 reason=f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)")
+from conftest import DATA, may_skip, needs_mnist
 
 
 def _inception_file() -> Path:
@@ -31,8 +28,6 @@ INCEPTION = _inception_file()
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict:
     """lenet_mnist trained once for the session into a private cache (1 epoch: ~99 % test accuracy)."""
-    if not (DATA / "mnist.npz").is_file():
-        pytest.skip(f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)")
     from gancore.metrics.classifier import train_classifier
 
     cache = tmp_path_factory.mktemp("gancore_cache")
@@ -116,6 +111,38 @@ def test_fid_real_vs_real_is_zero(env):
     assert abs(out["fid_lenet_1k"]) < 1e-6
     assert out["precision_lenet_1k"] == 1.0 and out["recall_lenet_1k"] == 1.0
     assert 8.0 < out["is_lenet_1k"] <= 10.0  # real digits: confident, balanced over 10 classes
+
+
+@needs_mnist
+def test_fid_small_for_other_images_of_the_distribution_and_grows_with_a_shift(env):
+    """Real statistics: the first 1000 training digits. 1000 *other* digits (the test split) are close; the same
+    test digits blurred, noised, or all of one class are far, and the further the stronger the shift."""
+    import torch.nn.functional as F
+
+    from gancore.metrics import evaluate
+
+    def fid(x: torch.Tensor) -> float:
+        return evaluate(_cfg(), _sampler(x), "cpu", n=1000, metrics=("fid",))["fid_lenet_1k"]
+
+    test = _mnist("test")
+    other = test[:1000]
+    blurred = F.avg_pool2d(other.float(), 3, stride=1, padding=1).round().to(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    noised = (other.float() + 80 * torch.randn(other.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    ones = test[_mnist_labels("test") == 1][:1000]
+    same_dist = fid(other)
+    shifted = {"blurred": fid(blurred), "noised": fid(noised), "only ones": fid(ones)}
+    print(f"fid_lenet_1k vs train[:1000]: other test digits {same_dist:.2f}, shifted {shifted}")
+    assert same_dist > 0
+    for name, value in shifted.items():  # lenet features: same distribution ~12 (1000-sample bias), shifts >> that
+        assert value > 5 * same_dist, (name, value, same_dist)
+
+
+def _mnist_labels(split: str) -> torch.Tensor:
+    from gancore.config import DataConfig
+    from gancore.data import load_images
+
+    return load_images(DataConfig(name="mnist", split=split))[1]
 
 
 @needs_mnist
@@ -215,6 +242,7 @@ def test_sampler_must_return_uint8(env):
         evaluate(_cfg(), lambda b: torch.zeros(b, 1, 28, 28), "cpu", n=100)
 
 
+@needs_mnist
 def test_domain_classifier_accuracy(trained):
     """The session's lenet_mnist (1 epoch) classifies held-out MNIST digits; reloaded with weights_only=True."""
     from gancore.config import DataConfig
@@ -246,10 +274,17 @@ def test_figures(env, tmp_path):
 
     acc = class_accuracy(perfect, _cfg(), "cpu", n_per_class=20, path=tmp_path / "acc.png")
     assert len(acc) == 11 and acc["class_acc_lenet_mean"] >= 0.95
+
+    def broken(y: torch.Tensor) -> torch.Tensor:  # ignores its label: every class gets digits of a random class
+        g = torch.Generator().manual_seed(0)
+        return test_x[torch.randint(0, len(test_x), (len(y),), generator=g)]
+
+    assert class_accuracy(broken, _cfg(), "cpu", n_per_class=20)["class_acc_lenet_mean"] < 0.3  # fails the floor
     assert (tmp_path / "acc.png").stat().st_size > 5000
 
 
 @needs_mnist
+@may_skip
 @pytest.mark.skipif(not INCEPTION.is_file(), reason=f"FID Inception weights not at {INCEPTION} "
                     "(PYTHON=.venv/bin/python bash ../shared/weights/make-fid-inception.sh)")
 def test_inception_greyscale_and_is_policy(env):

@@ -1,5 +1,7 @@
 """Shape test and one optimisation step per model (through the GAN family's own phases)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +85,22 @@ def test_spectral_norm_bounds_top_singular_value():
 def test_bad_image_size_for_dcgan():
     with pytest.raises(ConfigError, match="4 \\* 2\\^k"):
         MODELS["dcgan"](load_config(None, ["model.arch=dcgan"]).model, (1, 28, 28), 10)
+
+
+PRESETS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_its_family_and_networks(preset):
+    """Each configs/*.yaml is parsed, validated AND built: its family with every network, optimiser and phase (no
+    data: the image shape comes from the dataset name and data.image_size, as the loop would see it)."""
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / preset, [])
+    c, h, w = SHAPES[cfg.data.name]
+    side = cfg.data.image_size or h
+    torch.manual_seed(0)
+    fam = FAMILIES[cfg.family](cfg, (c, side, side), 10)
+    assert fam.networks and all(sum(p.numel() for p in n.parameters()) > 0 for n in fam.networks.values())
+    assert fam.optimizers and fam.phases

@@ -24,6 +24,7 @@ _PROBLEM = slurm_problem()
 _REQUIRED = os.environ.get("GANCORE_REQUIRE_SLURM") == "1"  # .ci/run started Slurm: a skip would hide a failure
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.timeout(600),  # above the suite's default: each test waits on real jobs (WAIT_S, then a clear error)
     needs_mnist,
     pytest.mark.skipif(_PROBLEM is not None and not _REQUIRED,
                        reason=f"no Slurm: {_PROBLEM}; start one with bash ../shared/slurm/slurm-up.sh"),
@@ -42,7 +43,7 @@ SHORT = [*TINY, "train.epochs=2", "train.log_every=1", "track.image_every=4"]  #
 # Long enough to be interrupted after its first checkpoint (step 4): 48 steps.
 LONG = [*TINY, "train.max_steps=48", "train.checkpoint_every=4", "train.log_every=4", "track.image_every=24"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-WAIT_S = 900  # generous: other jobs may share the 2 cores
+WAIT_S = 480  # generous (other jobs may share the 2 cores), and below the per-test timeout so the wait's own message shows
 
 
 def _env() -> dict[str, str]:
@@ -125,6 +126,44 @@ def mlflow_runs(store: Path) -> tuple:
 def preempt_all_cpus(jobs: list[str]) -> str:
     """A short job on the high-priority partition that needs every CPU: it preempts the jobs on `debug`."""
     return sbatch(jobs, "-p", "urgent", "--exclusive", "--time=5", "-o", "logs/urgent-%j.out", "--wrap", "sleep 1")
+
+
+def _pending_signals(pid: int) -> int:
+    """The signals pending on a process (thread + process-wide masks from /proc), as a bit mask; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+def preempt_while_frozen(jobs: list[str], jid: str, timeout: float = 120) -> str:
+    """Preempt job `jid` while it is certainly mid-run: its processes are stopped (SIGSTOP) before the urgent job
+    is submitted and continued only once Slurm's preemption signal (USR1 for sbatch, USR2 for submitit) is pending
+    on one of them. Without the freeze a fast machine could finish the remaining steps before the signal came."""
+    import signal
+
+    assert state(jid) == "RUNNING", state(jid)
+    rows = _sh("scontrol", "listpids", jid).splitlines()[1:]  # PID JOBID STEPID LOCALID GLOBALID
+    pids = [int(r.split()[0]) for r in rows if r.split() and r.split()[0].isdigit()]
+    assert pids, f"scontrol listpids {jid} found no processes"
+    wanted = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGUSR2 - 1))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        urgent = preempt_all_cpus(jobs)
+        end = time.time() + timeout
+        while not any(_pending_signals(pid) & wanted for pid in pids):
+            assert time.time() < end, f"no preemption signal reached job {jid} within {timeout:.0f} s"
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return urgent
 
 
 def assert_same_networks(a: Path, b: Path) -> None:
@@ -230,7 +269,7 @@ def test_preempted_sbatch_job_requeues_and_resumes_bit_identical(tmp_path, jobs,
     jid = sbatch(jobs, "-p", "debug", "--cpus-per-task=1", "--mem=2G", "--time=20", str(ROOT / "slurm" / "train.sh"),
                  "--config", CONFIG, *LONG, f"track.uri=sqlite:///{store}", "--out", "victim")
     wait_for_checkpoint(tmp_path / "victim", jid)
-    urgent = preempt_all_cpus(jobs)
+    urgent = preempt_while_frozen(jobs, jid)
     assert wait_done(jid) == "COMPLETED"
     assert wait_done(urgent) == "COMPLETED"
     log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
@@ -265,8 +304,9 @@ def test_preempted_submitit_job_checkpoints_and_resumes(tmp_path, jobs, referenc
     jid = str(sub.job.job_id)
     jobs.append(jid)
     wait_for_checkpoint(tmp_path / "victim", jid)
-    preempt_all_cpus(jobs)
-    result = sub.job.result()  # blocks until the requeued job wrote its result
+    preempt_all_cpus(jobs)  # not frozen: the USR2 that submitit's step gets never showed as pending (tried)
+    wait_done(jid)  # bounded; submitit's result() below has no timeout of its own
+    result = sub.job.result()
     assert result.status == "finished" and result.step == 48
     out = sub.log.read_text()
     assert "gancore: stopped at step" in out and "Calling checkpoint method" in out, out

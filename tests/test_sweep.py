@@ -25,7 +25,7 @@ from gancore.sweep import storage as sweep_storage
 from gancore.sweep import workers as sweep_workers
 from gancore.sweep.objective import Objective
 from gancore.tracking.sweep_runs import ChildRun
-from conftest import ROOT, needs_mnist
+from conftest import ROOT, needs_mnist, needs_pg
 
 OBJ = "fid_lenet_200"
 SPACE = {
@@ -268,7 +268,7 @@ PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
 
 
 @needs_mnist
-@pytest.mark.skipif(not PG_URL, reason="GANCORE_TEST_PG_URL not set (.ci/run starts PostgreSQL and sets it)")
+@needs_pg
 def test_postgresql_storage_with_two_workers_and_heartbeats(tmp_path):
     study = f"pg-{uuid.uuid4().hex[:8]}"
     try:

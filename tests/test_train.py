@@ -154,3 +154,18 @@ def test_train_cli_stop_and_resume(tmp_path):
     p = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "done: 4 steps" in p.stdout
+
+
+def test_train_cli_nan_loss_exits_3_with_one_line(tmp_path):
+    """A real NaN from the config (D's learning rate 1e30 blows D up in its first update), through the CLI."""
+    from gancore.errors import EXIT_NON_FINITE
+
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
+                        str(ROOT / "configs" / "quickstart.yaml"), "data.subset=64", "optim.batch_size=32",
+                        "train.epochs=2", "train.progress=false", "track.enabled=false", "optim.lr_d=1e30",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=200)
+    assert p.returncode == EXIT_NON_FINITE == 3, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and "lower the learning rate" in err[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists() or ckpt.latest(tmp_path / "r") is None  # nothing bad saved

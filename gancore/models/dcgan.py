@@ -69,6 +69,9 @@ class MNISTDiscriminator(nn.Module):
 
 @MODELS.register("dcgan_mnist")
 def build_dcgan_mnist(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
+    if tuple(image_shape[1:]) != (28, 28):  # G's fc -> (128, 7, 7) -> 14 -> 28 is fixed
+        raise ConfigError(f"model.arch=dcgan_mnist makes 28x28 images, the data is {image_shape[1]}x{image_shape[2]}; "
+                          "use data.image_size=0 (or 28) or model.arch=dcgan")
     nc = num_classes if m.conditional else 0
     G = MNISTGenerator(m.nz, image_shape[0], m.batchnorm in ("both", "g"), m.g_act, nc, m.embed_dim)
     D = MNISTDiscriminator(image_shape, m.batchnorm in ("both", "d"), m.d_act, m.spectral_norm, nc)

@@ -9,7 +9,7 @@ from typing import Any
 
 from gancore.errors import NonFiniteLossError, SweepError
 from gancore.sweep.spec import Sweep, trial_config
-from gancore.sweep.trials import worker_id
+from gancore.sweep.trials import resume_step, worker_id
 from gancore.tracking.sweep_runs import ChildRun
 
 
@@ -34,6 +34,8 @@ def _resume_point(trial: Any) -> Any | None:
         trial.set_user_attr("gancore.interrupted", None)
     if resume is not None:
         trial.set_user_attr("gancore.resumes", str(resume.parent.parent))
+    if resume is not None or "gancore.resume_step" in trial.user_attrs:  # the step this attempt starts from
+        trial.set_user_attr("gancore.resume_step", resume_step(resume) if resume is not None else 0)
     return resume
 
 

@@ -11,7 +11,7 @@ from gancore.errors import SweepError
 from gancore.sweep.report import report
 from gancore.sweep.spec import Sweep, definition
 from gancore.sweep.storage import DEFINITION_ATTR, PARENT_ATTR, describe_url, open_storage, open_study
-from gancore.sweep.trials import recover_stale, trials_left
+from gancore.sweep.trials import recover_dead, trials_left
 from gancore.sweep.workers import WorkerContext, auto_workers, launch_local, launch_slurm, local_contexts, worker
 from gancore.tracking.sweep_runs import parent_run
 
@@ -64,7 +64,8 @@ def _parent_run(sweep: Sweep, study: Any) -> str | None:
 
 def prepare(sweep: Sweep) -> tuple[Any, str | None]:
     """Open the storage (fails fast), check the objective and warm the metric caches, create or load the study
-    (a resumed one must have the same definition), recover trials of dead workers, make the parent MLflow run.
+    (a resumed one must have the same definition), re-queue trials of dead workers (gone pids on this host,
+    heartbeats older than grace_period from any host), make the parent MLflow run.
     Returns (study, parent run id)."""
     import optuna
 
@@ -73,7 +74,7 @@ def prepare(sweep: Sweep) -> tuple[Any, str | None]:
     _warm_metrics(sweep)
     study = open_study(sweep, storage, create=True)
     _check_definition(sweep, study)
-    recovered = recover_stale(study, sweep)
+    recovered = recover_dead(study, sweep)  # dead pids here; silent heartbeats from any host
     if recovered:
         print(f"sweep: re-queued interrupted trial(s) {', '.join(map(str, recovered))}; they resume from their "
               "checkpoints", flush=True)

@@ -58,8 +58,8 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def open_storage(url: str, sweep: Sweep | None = None) -> Any:
     """An Optuna storage for `url`; an unreachable one is a one-line SweepError within seconds.
 
-    sqlite / postgresql / mysql: RDBStorage with heartbeats (a dead worker's trial is failed and re-queued after
-    `grace_period`). `journal:PATH`: JournalStorage on a journal file (no heartbeat: see gancore/sweep/trials.py).
+    sqlite / postgresql / mysql: RDBStorage with heartbeats (a dead worker's trial is failed and re-queued, to resume
+    from its checkpoint, `grace_period` s after its last beat, by any worker or coordinator). `journal:PATH`: JournalStorage on a journal file (no heartbeat: see gancore/sweep/trials.py).
     """
     import optuna
 
@@ -74,10 +74,11 @@ def open_storage(url: str, sweep: Sweep | None = None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             kwargs: dict[str, Any] = {}
-            if sweep is not None:
+            if sweep is not None:  # (a local import: trials imports this module)
+                from gancore.sweep.trials import RetryFromCheckpoint
+
                 kwargs = dict(heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
-                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                                  sweep.max_retry, inherit_intermediate_values=True))
+                              heartbeat_stale_trial_callback=RetryFromCheckpoint(sweep.max_retry))
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
             if url.startswith("sqlite"):
                 _serialise_sqlite(storage.engine)

@@ -2,15 +2,19 @@
 
 Interrupted trials are never lost and never counted twice. A trial whose worker was stopped (SIGTERM / SIGUSR1 /
 Ctrl-C: the trainer writes a checkpoint) or killed is marked FAIL with `gancore.interrupted` and re-queued once as a
-WAITING copy with the same params (Optuna's RetryHeartbeatStaleTrialCallback); the copy resumes training from the
-interrupted trial's last checkpoint in the same MLflow child run. Killed workers are found by the next coordinator
-on the same host (dead pid) and, on RDB storage, by Optuna's heartbeat (any host, after `grace_period`).
+WAITING copy with the same params (RetryFromCheckpoint); the copy resumes training from the interrupted trial's last
+checkpoint in the same MLflow child run. Killed workers are found by their coordinator at once (its worker process
+died: recover_dead), by any later coordinator on the same host (dead pid + start time) and, on RDB storage, by
+Optuna's heartbeat (any host, `grace_period` after the last beat). Whoever marks the dead trial FAIL first (one row
+update, locked) queues its only copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -89,6 +93,19 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 else "?"
 
 
+def _here(worker: str | None) -> tuple[int, str] | None:
+    """(pid, start time) when `worker` (worker_id()) ran on this host, else None."""
+    if not worker or worker.count(":") < 2:
+        return None
+    host, pid, started = worker.rsplit(":", 2)
+    return (int(pid), started) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def _alive_here(worker: str | None) -> bool:
+    """True when `worker` is a live process on this host (the same pid and start time)."""
+    return _here(worker) is not None and not _dead_here(worker)
+
+
 def _dead_here(worker: str | None) -> bool:
     """True when `worker` (worker_id()) ran on this host and that process is gone."""
     if not worker or worker.count(":") < 2:
@@ -110,6 +127,31 @@ def _dead_here(worker: str | None) -> bool:
 # Interrupted trials
 
 
+ATTEMPT_ATTRS = ("gancore.worker",)  # about one attempt: a re-queued copy does not inherit them
+
+
+class RetryFromCheckpoint:
+    """Queue a WAITING copy of a failed (interrupted or dead) trial, at most `max_retry` times per trial.
+
+    Optuna's RetryHeartbeatStaleTrialCallback with the intermediate values, minus the attempt's worker id: the copy
+    inherits the user attrs (gancore.run_dir: the checkpoints it resumes from; mlflow.run_id), and a copy popped by
+    a live worker but still carrying the dead worker's id would look dead to a coordinator and be re-queued twice.
+    Used by requeue() and, as the storage's heartbeat_stale_trial_callback, by Optuna's fail_stale_trials."""
+
+    def __init__(self, max_retry: int | None):
+        self.max_retry = max_retry
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        import optuna
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback(self.max_retry, inherit_intermediate_values=True)(study, trial)
+
+
 def _set_running_trial_attr(study: Any, number: int, key: str, value: Any) -> None:
     """Set a user attr of trial `number`, which another (dead or stopped) process is running.
 
@@ -127,7 +169,6 @@ def requeue(study: Any, number: int, sweep: Sweep, reason: str) -> bool:
     The copy inherits the intermediate values and user attrs (so it knows the interrupted trial's run dir and
     resumes from its checkpoint). Returns False when the trial had already finished (another process won)."""
     import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     frozen = study.get_trials(deepcopy=False)[number]
@@ -140,25 +181,65 @@ def requeue(study: Any, number: int, sweep: Sweep, reason: str) -> bool:
     elif (frozen.state != TrialState.FAIL or not frozen.user_attrs.get("gancore.interrupted")
           or number in retried_numbers(study.get_trials(deepcopy=False))):
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(sweep.max_retry, inherit_intermediate_values=True)
-        retry(study, study.get_trials(deepcopy=False)[number])
+    RetryFromCheckpoint(sweep.max_retry)(study, study.get_trials(deepcopy=False)[number])
     return True
 
 
 def recover_stale(study: Any, sweep: Sweep) -> list[int]:
     """Re-queue trials left RUNNING by workers that died on this host, and interrupted FAIL trials not yet
-    re-queued. Trials of live workers and of other hosts are left alone (RDB heartbeats cover other hosts)."""
+    re-queued (unless their worker is alive here: it is queueing the copy itself). Trials of live workers and of
+    other hosts are left alone (RDB heartbeats cover other hosts)."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     done = []
     for t in trials:
-        stale = _state(t) == "RUNNING" and _dead_here(t.user_attrs.get("gancore.worker"))
-        unqueued = _state(t) == "FAIL" and t.user_attrs.get("gancore.interrupted") and t.number not in retried
+        worker = t.user_attrs.get("gancore.worker")
+        stale = _state(t) == "RUNNING" and _dead_here(worker)
+        unqueued = (_state(t) == "FAIL" and t.user_attrs.get("gancore.interrupted") and t.number not in retried
+                    and not _alive_here(worker))
         if stale or unqueued:
             reason = t.user_attrs.get("gancore.interrupted") or f"worker {t.user_attrs['gancore.worker']} died"
             if requeue(study, t.number, sweep, reason):
                 done.append(t.number)
                 close_child_runs(sweep, t, study.user_attrs.get(PARENT_ATTR))
     return done
+
+
+def recover_dead(study: Any, sweep: Sweep) -> list[int]:
+    """Re-queue the trials of dead workers now: on this host by pid (recover_stale), from any host by Optuna's
+    heartbeat (RDB storage: no beat for `grace_period` s). Their MLflow runs end KILLED until a copy resumes them.
+    Returns the re-queued trial numbers."""
+    import optuna
+
+    done = recover_stale(study, sweep)
+    if not has_heartbeat(sweep):
+        return done
+    before = retried_numbers(study.get_trials(deepcopy=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # FAIL + the storage's RetryFromCheckpoint, once per trial
+    trials = study.get_trials(deepcopy=False)
+    for n in sorted(retried_numbers(trials) - before):
+        close_child_runs(sweep, trials[n], study.user_attrs.get(PARENT_ATTR))
+        done.append(n)
+    return done
+
+
+def has_heartbeat(sweep: Sweep) -> bool:
+    """RDB storages beat (gancore.sweep.storage.open_storage); Optuna's journal storage does not."""
+    return not sweep.storage_url.startswith("journal:")
+
+
+def running_elsewhere(study: Any, sweep: Sweep) -> list[int]:
+    """RUNNING trials not run by a live process of this host: live workers elsewhere, or dead ones that only a
+    heartbeat can tell (the coordinator waits `grace_period` for them before it ends). [] without heartbeats."""
+    if not has_heartbeat(sweep):
+        return []
+    return [t.number for t in study.get_trials(deepcopy=False)
+            if _state(t) == "RUNNING" and not _alive_here(t.user_attrs.get("gancore.worker"))]
+
+
+def resume_step(checkpoint: Any) -> int:
+    """The training step of a step checkpoint file (step_NNNNNNNN.pt); 0 for another name."""
+    m = re.search(r"step_(\d+)\.pt$", str(checkpoint))
+    return int(m.group(1)) if m else 0

@@ -18,7 +18,7 @@ from gancore.sweep import devices
 from gancore.sweep.objective import Objective, TrialInterrupted
 from gancore.sweep.spec import Sweep
 from gancore.sweep.storage import open_storage, open_study
-from gancore.sweep.trials import Budget, requeue
+from gancore.sweep.trials import Budget, requeue, running_elsewhere, trials_left
 
 
 @dataclass(frozen=True)
@@ -124,41 +124,150 @@ def _stop_all(procs: list[Any]) -> None:
         p.join(timeout=max(1.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
-            p.join()
+            p.join(timeout=10)  # SIGKILL cannot be ignored; the bound only guards against an unkillable (D-state) one
+
+
+def _signal_name(code: int) -> str:
+    with contextlib.suppress(ValueError):
+        return signal.Signals(-code).name
+    return f"signal {-code}"
+
+
+class _Pool:
+    """The coordinator's local worker processes: started, watched, replaced when killed.
+
+    A worker killed by a signal (SIGKILL, the OOM killer) does not stop the sweep: its trial is re-queued at once
+    (recover_dead: the pid is gone) and resumes from its last checkpoint in the next worker that asks for a trial;
+    a replacement worker starts while the budget has trials left (at most `spare`, so a worker that keeps dying
+    cannot loop forever). Every `tick` s the storage's heartbeats are checked too (trials of dead workers on other
+    hosts); when the local workers are done, trials still RUNNING elsewhere are given `grace_period` (plus two
+    beats) to finish or be found dead, and a re-queued one gets a worker."""
+
+    def __init__(self, ctxs: list[WorkerContext]):
+        import multiprocessing as mp
+
+        self.spawn = mp.get_context("spawn")
+        self.template, self.sweep = ctxs[0], ctxs[0].sweep
+        self.procs: list[tuple[WorkerContext, Any]] = []
+        self.killed: set[int] = set()  # pids of workers killed by a signal (handled: not an error)
+        self.seen: set[int] = set()  # pids whose exit was handled
+        self.spare = len(ctxs) + (self.sweep.n_trials or 10 * len(ctxs))
+        self.tick = max(1.0, min(float(self.sweep.heartbeat_interval), 10.0))
+        self.t0 = time.monotonic()
+        self._study: Any = None
+
+    @property
+    def study(self) -> Any:
+        if self._study is None:  # with the heartbeat settings: fail_stale_trials re-queues through them
+            self._study = open_study(self.sweep, open_storage(self.sweep.storage_url, self.sweep))
+        return self._study
+
+    def start(self, ctx: WorkerContext) -> None:
+        self.procs.append((ctx, self.spawn.Process(target=_local_worker, args=(ctx,), name=f"sweep-worker-{ctx.index}")))
+        self.procs[-1][1].start()
+
+    def live(self) -> list[Any]:
+        return [p for _, p in self.procs if p.is_alive()]
+
+    def replace(self, why: str) -> None:
+        """Start one more worker (a fresh seed stream) if the budget and the timeout allow it."""
+        timeout = self.sweep.timeout_s
+        if timeout is not None and time.monotonic() - self.t0 >= timeout:
+            return
+        left = trials_left(self.study, self.sweep.n_trials)  # the re-queued copy included
+        if left is not None and left <= 0:
+            return
+        if self.spare <= 0:
+            print(f"sweep: no replacement for {why}: {len(self.procs)} workers started already", flush=True)
+            return
+        self.spare -= 1
+        i = max(c.index for c, _ in self.procs) + 1
+        ctx = dataclasses.replace(self.template, index=i, stream=self.template.stream + i)
+        self.start(ctx)
+        print(f"sweep: started worker {i} in place of {why}", flush=True)
+
+    def recover(self) -> list[int]:
+        from gancore.sweep.trials import recover_dead
+
+        done = recover_dead(self.study, self.sweep)
+        if done:
+            print(f"sweep: re-queued trial(s) {', '.join(map(str, done))} of dead worker(s); they resume from their "
+                  "last checkpoints", flush=True)
+        return done
+
+    def watch(self) -> None:
+        """Until the workers are done: replace killed ones, re-queue dead workers' trials. Returns at the first
+        worker that exits with an error (the caller stops the others)."""
+        next_check, settle_until = time.monotonic() + self.tick, None
+        while True:
+            live = self.live()
+            for p in live:
+                p.join(timeout=0.5 / len(live))
+            killed = []
+            for c, p in self.procs:
+                if p.exitcode is None or p.pid in self.seen:
+                    continue
+                self.seen.add(p.pid)
+                if p.exitcode < 0:  # a signal that was not ours: SIGKILL, the OOM killer
+                    self.killed.add(p.pid)
+                    killed.append(f"worker {c.index} (pid {p.pid}, killed by {_signal_name(p.exitcode)})")
+                elif p.exitcode not in (0, EXIT_STOPPED):
+                    return  # an error: stop the others (they checkpoint) and report it
+            now = time.monotonic()
+            if not killed and now < next_check and self.live():
+                continue
+            next_check = now + self.tick
+            for who in killed:
+                print(f"sweep: {who}; the sweep goes on", flush=True)
+            requeued = self.recover()
+            for who in killed:
+                self.replace(who)
+            if requeued and not self.live():
+                self.replace("the finished ones (trials were re-queued)")
+            if self.live():
+                settle_until = None
+                continue
+            # the local workers are done: trials RUNNING elsewhere finish, or their heartbeat stops and they are
+            # re-queued (then a worker starts above); a dead worker's trial is never left RUNNING
+            elsewhere = running_elsewhere(self.study, self.sweep)
+            if not elsewhere:
+                return
+            if settle_until is None:
+                settle_until = now + self.sweep.grace_period + 2 * self.sweep.heartbeat_interval
+                print(f"sweep: waiting up to {settle_until - now:.0f} s for trial(s) {', '.join(map(str, elsewhere))} "
+                      "of other workers (heartbeat: a dead one is re-queued)", flush=True)
+            elif now >= settle_until:
+                return
+            time.sleep(min(self.tick, max(0.0, settle_until - now)))
 
 
 def launch_local(ctxs: list[WorkerContext]) -> int:
-    """N worker processes (spawned: no CUDA/fork surprises); Ctrl-C / SIGTERM stop them gracefully."""
-    import multiprocessing as mp
-
-    spawn = mp.get_context("spawn")
-    procs: list[Any] = []  # started ones
+    """N worker processes (spawned: no CUDA/fork surprises), watched by _Pool: a killed worker is replaced and its
+    trial re-queued; Ctrl-C / SIGTERM stop them all gracefully; a worker's error stops the others and the sweep."""
 
     def _term(signum: int, frame: Any) -> None:
         raise _Stop()
 
     old = signal.signal(signal.SIGTERM, _term)
     stopped = False
+    pool = _Pool(ctxs)
+    procs = pool.procs  # started ones
     try:
         for c in ctxs:
-            procs.append(spawn.Process(target=_local_worker, args=(c,), name=f"sweep-worker-{c.index}"))
-            procs[-1].start()
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(timeout=0.5)
-            if any(p.exitcode not in (None, 0, EXIT_STOPPED) for p in procs):
-                break  # a worker hit an error: stop the others (they checkpoint) and report it
+            pool.start(c)
+        pool.watch()
     except (KeyboardInterrupt, _Stop):
         stopped = True
         print("sweep: stopping workers (each checkpoints its trial; run the sweep again to continue)", flush=True)
     finally:
         signal.signal(signal.SIGTERM, old)
-        _stop_all(procs)
-    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, EXIT_STOPPED, -signal.SIGTERM)]
+        _stop_all([p for _, p in procs])
+    failed = [(c.index, p.exitcode) for c, p in procs
+              if p.exitcode not in (0, EXIT_STOPPED, -signal.SIGTERM) and p.pid not in pool.killed]
     if failed and not stopped:
         i, code = failed[0]
         raise SweepError(f"sweep worker {i} failed (exit code {code}); its error is printed above")
-    return EXIT_STOPPED if stopped or any(p.exitcode == EXIT_STOPPED for p in procs) else 0
+    return EXIT_STOPPED if stopped or any(p.exitcode == EXIT_STOPPED for _, p in procs) else 0
 
 
 def local_contexts(sweep: Sweep, parent: str | None, n: int, stream: int) -> list[WorkerContext]:

@@ -3,10 +3,24 @@
 Other packages import what they need from here: `from gancore.tracking import make_tracker, ...`.
 
     tracker.py  the Tracker interface, MLflowTracker (batched metrics, images, artifacts), log_to_run
+    outbox.py   the run dir's on-disk outbox of tracking records (outages), sync_run_dir for jobs/sync.py
     store.py    which store (URI), reachability, the client, experiments, run info, run tags
     runs.py     reading runs back: list_runs, runs_table
 """
 
+from gancore.tracking.outbox import sync_run_dir  # noqa: F401
 from gancore.tracking.runs import list_runs, runs_table  # noqa: F401
-from gancore.tracking.store import check_reachable, open_run_info, open_store, resolve_uri, run_tags  # noqa: F401
-from gancore.tracking.tracker import MLflowTracker, NullTracker, Tracker, log_to_run, make_tracker  # noqa: F401
+from gancore.tracking.store import (  # noqa: F401
+    check_reachable,
+    open_run_info,
+    open_store,
+    resolve_uri,
+    run_tags,
+)
+from gancore.tracking.tracker import (  # noqa: F401
+    MLflowTracker,
+    NullTracker,
+    Tracker,
+    log_to_run,
+    make_tracker,
+)

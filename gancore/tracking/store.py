@@ -31,12 +31,20 @@ PROBE_TIMEOUT_S = 3.0  # an unreachable server must fail in seconds, not after M
 # Which store, and is it there
 
 
+# what MLflow's tracking store accepts (a bare path is a file store)
+URI_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(Path.cwd() / DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+    if not uri:
+        return f"sqlite:///{(Path.cwd() / DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"
+    if scheme not in URI_SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r} has an unsupported scheme {scheme!r}; use one of "
+                            f"{', '.join(s + '://' for s in URI_SCHEMES)} (track.uri, --uri or MLFLOW_TRACKING_URI)")
+    return uri
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -89,7 +97,7 @@ def store_errors(uri: str) -> Iterator[None]:
         raise TrackingError(f"MLflow store {uri}: {one_line(e)}") from None
 
 
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     """The one place an MlflowClient is made."""
     from mlflow.tracking import MlflowClient
 
@@ -123,7 +131,7 @@ def open_store(uri: str | None, experiment: str) -> tuple[Any, str]:
     artifact_location = (db.parent / "artifacts").as_uri() if db is not None else None
     try:
         with store_errors(uri), _store_lock(uri):
-            client = _client(uri)
+            client = mlflow_client(uri)
             exp = client.get_experiment_by_name(experiment)  # first call creates / migrates the database
             if exp is None:
                 try:
@@ -146,7 +154,7 @@ def existing_client(uri: str | None) -> tuple[Any, str]:
     db = _sqlite_path(uri)
     if db is not None and not db.is_file():
         raise TrackingError(f"no MLflow store at {db}; train a run first, or pass --uri / set MLFLOW_TRACKING_URI")
-    return _client(uri), uri
+    return mlflow_client(uri), uri
 
 
 def get_run(client: Any, run_id: str, uri: str, missing: str | None = None) -> Any:

@@ -1,28 +1,49 @@
 """Experiment tracking behind a small interface (MLflow implementation: see issue "MLflow tracking").
 
 The trainer only calls `Tracker` methods; off the main process or with track.enabled=false it gets a NullTracker.
-Which store a run goes to, and the tags saying what it ran with: store.py.
+Which store a run goes to, and the tags saying what it ran with: store.py. A tracking server that comes and goes
+(issue #20): everything logged goes through the run dir's outbox (outbox.py) and a background sender, so an outage
+never blocks or ends the training, and what a run could not deliver is sent later by `python jobs/sync.py RUN_DIR`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gancore.config import Config, hyperparams, save_yaml
-from gancore.tracking.store import existing_client, get_run, one_line, open_store, resolve_uri, run_tags, store_errors
+from gancore.errors import TrackingError
+from gancore.tracking.outbox import Delivery, Outbox, describe, next_batch
+from gancore.tracking.store import (
+    check_reachable,
+    existing_client,
+    get_run,
+    one_line,
+    open_store,
+    resolve_uri,
+    run_tags,
+    store_errors,
+)
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY_METRICS = 1000  # queued values that trigger a background send (MLflow's per-request metric limit)
 FLUSH_EVERY_S = 10.0  # ... or seconds since the last send, so the UI's curves stay live
+HTTP_MAX_RETRIES = 2  # MLflow client's own retries per request (its default 7 with backoff 2 takes ~4 minutes)
+HTTP_TIMEOUT_S = 10  # per request; MLflow's default is 120
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # our retries during an outage: backoff between probes of the server
+FINISH_WAIT_S = 60.0  # how long finish() waits for an absent server before leaving the rest in the outbox
+REFUSED_TRIES = 3  # a send the (reachable) store rejects this often is dropped with a warning
 _IMAGE_KEY_OK = re.compile(r"[^A-Za-z0-9_\-./ ]")  # characters MLflow refuses in image keys
 _NEVER = -(2**62)  # "no step logged yet"
 
@@ -102,26 +123,61 @@ def _image_steps(client: Any, run_id: str) -> dict[str, int]:
 # The MLflow tracker
 
 
+def _env_s(name: str, default: float) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def _quick_http_failures() -> None:
+    """One failed request takes seconds, not MLflow's minutes of retries: our sender retries for as long as needed.
+
+    setdefault: a value the user exported wins.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
+
+
 class MLflowTracker(Tracker):
-    """Logs to MLflow; metrics are queued and sent in background batches, images and artifacts as they come."""
+    """Logs to MLflow through the run dir's outbox (outbox.py): every record is appended to disk, then a
+    background thread delivers it (metrics in batches; images, artifacts, tags as they come).
+
+    The training thread never waits on the network. When the server goes away, the sender warns once, keeps
+    retrying with backoff and delivers everything once it is back; finish() waits up to
+    $GANCORE_TRACK_FINISH_WAIT_S for it, then leaves the rest in the outbox for `python jobs/sync.py RUN_DIR`.
+    """
 
     def __init__(self, uri: str | None = None, experiment: str = "gancore") -> None:
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.client: Any = None
-        self._queue: list[Any] = []  # mlflow.entities.Metric
-        self._pending: list[Any] = []  # RunOperations of background sends
-        self._last_send = time.monotonic()
+        self.run_dir: Path | None = None
+        self.outbox: Outbox | None = None
+        self.kept: Path | None = None  # the outbox left behind by finish() when the server did not come back
         self._resumed_last: dict[str, int] = {}  # metric key -> last step logged before this session
         self._image_last: dict[str, int] = {}
         self._finished = False
+        self._cv = threading.Condition()
+        self._queue: deque[dict[str, Any]] = deque()  # records in the outbox, not yet delivered
+        self._queued_values = 0  # metric values in _queue
+        self._thread: threading.Thread | None = None
 
     def start(self, cfg: Config, run_dir: Path, run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         """Create a run (or reopen `run_id` when resuming); log params (the run family's hyper-parameters) and tags. Returns the run id."""
-        from mlflow.entities import Param, RunTag
-
+        _quick_http_failures()
+        run_dir = Path(run_dir)
+        left = Outbox.find(run_dir)
+        if left is not None and left.header().get("run_id") != run_id:
+            raise TrackingError(
+                f"{left.dir} holds tracking data of MLflow run {left.header().get('run_id')} not yet delivered; "
+                f"send it first with: python jobs/sync.py {run_dir}, or train into another --out"
+            )
+        if left is not None:
+            left.lock()  # a live process still delivering it: a one-line error before the run is touched
         self.client, experiment_id = open_store(self.uri, self.experiment)
-        self._queue, self._pending, self._resumed_last, self._image_last = [], [], {}, {}
+        self._resumed_last, self._image_last, self.kept = {}, {}, None
         all_tags = {**run_tags(cfg, run_dir), **{k: str(v) for k, v in (tags or {}).items()}}
         params = {k: str(v) for k, v in hyperparams(cfg).items()}  # MLflow stores param values as strings
         with store_errors(self.uri):
@@ -139,91 +195,224 @@ class MLflowTracker(Tracker):
                 resumes = int(run.data.tags.get("gancore.resume_count", "0")) + 1
                 all_tags["gancore.resume_count"] = str(resumes)
                 self.client.update_run(run_id, status="RUNNING")
-            # Params are immutable: on resume only new keys are logged (run length may legitimately change).
-            changed = sorted(k for k in params if k in existing and existing[k] != params[k])
-            if changed:
-                log.warning("resumed run keeps its original params for: %s", ", ".join(changed))
-            new_params = [Param(k, v) for k, v in params.items() if k not in existing]
-            self.client.log_batch(
-                self.run_id, params=new_params, tags=[RunTag(k, v) for k, v in all_tags.items()] if run_id else []
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                save_yaml(cfg, Path(tmp) / "config.yaml")
-                self.client.log_artifact(self.run_id, str(Path(tmp) / "config.yaml"))
-        self._finished = False
+        # Params are immutable: on resume only new keys are logged (run length may legitimately change).
+        changed = sorted(k for k in params if k in existing and existing[k] != params[k])
+        if changed:
+            log.warning("resumed run keeps its original params for: %s", ", ".join(changed))
+        # From here on everything goes through the outbox; a resumed run first delivers what its last session left.
+        self.run_dir = run_dir
+        self.outbox = left or Outbox.create(run_dir, self.run_id, self.uri)
+        pending = self.outbox.pending() if left else []
+        self._queue, self._queued_values = deque(), 0
+        self._finished, self._closing, self._flush_wanted = False, False, False
+        self._give_up_at = float("inf")
+        self._outage_since: float | None = None
+        self._warned_append = False
+        self._sender = Delivery(self.client, self.run_id, self.outbox)
+        self._cursor = self.outbox.delivered()  # journal lines delivered
+        self._verify = bool(pending)  # an earlier session's records may be in the store already
         self._last_send = time.monotonic()
+        self._retry_max_s = _env_s("GANCORE_TRACK_RETRY_MAX_S", RETRY_MAX_S)
+        self._finish_wait_s = _env_s("GANCORE_TRACK_FINISH_WAIT_S", FINISH_WAIT_S)
+        for rec in pending:  # they will be delivered: a replayed step after them is not logged a second time
+            self._enqueue(rec)
+            if rec.get("kind") == "metrics":
+                for k in rec["values"]:
+                    self._resumed_last[k] = max(self._resumed_last.get(k, _NEVER), int(rec["step"]))
+            elif rec.get("kind") == "image":
+                self._image_last[rec["key"]] = max(self._image_last.get(rec["key"], _NEVER), int(rec["step"]))
+        self._put({"kind": "params_tags", "params": {k: v for k, v in params.items() if k not in existing},
+                   "tags": all_tags if run_id else {}})
+        with tempfile.TemporaryDirectory() as tmp:
+            save_yaml(cfg, Path(tmp) / "config.yaml")
+            self._put({"kind": "artifact", "name": "config.yaml", "artifact_path": None,
+                       "file": self.outbox.copy_file(Path(tmp) / "config.yaml", "config.yaml")})
+        self._thread = threading.Thread(target=self._deliver_loop, name="gancore-tracking", daemon=True)
+        self._thread.start()
         return self.run_id
+
+    # -- what the trainer calls: append to the outbox, queue for the sender, return
+
+    def _enqueue(self, rec: dict[str, Any]) -> None:
+        self._queue.append(rec)
+        if rec.get("kind") == "metrics":
+            self._queued_values += len(rec["values"])
+
+    def _put(self, rec: dict[str, Any]) -> None:
+        if self.outbox is None or self._finished:
+            return
+        try:
+            self.outbox.append(rec)
+        except OSError as e:  # a full disk must not end the run either: the record is still sent from memory
+            if not self._warned_append:
+                log.warning("tracking outbox %s not writable (%s); records are kept in memory only", self.outbox.dir,
+                            one_line(e))
+                self._warned_append = True
+        with self._cv:
+            self._enqueue(rec)
+            self._cv.notify_all()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metric values at `step`; steps at or below an already-logged step of a resumed run are dropped."""
-        self._queue += _new_metrics(metrics, step, self._resumed_last)
-        if len(self._queue) >= FLUSH_EVERY_METRICS or time.monotonic() - self._last_send >= FLUSH_EVERY_S:
-            self._send(synchronous=False)
-
-    def _send(self, synchronous: bool) -> None:
-        batch, self._queue = self._queue, []
-        self._last_send = time.monotonic()
-        if not batch or self.run_id is None:
-            return
-        op = self.client.log_batch(self.run_id, metrics=batch, synchronous=synchronous)
-        if op is not None:
-            self._pending.append(op)
+        step = int(step)
+        values = {k: float(v) for k, v in metrics.items() if step > self._resumed_last.get(k, _NEVER)}
+        if values:
+            self._put({"kind": "metrics", "step": step, "time": int(time.time() * 1000), "values": values})
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         """An HWC uint8 image shown by step in the UI's image chart (stored under the run's images/ artifacts)."""
-        key = _image_key(key)
-        if int(step) <= self._image_last.get(key, _NEVER):
+        key, step = _image_key(key), int(step)
+        if step <= self._image_last.get(key, _NEVER) or self.outbox is None:
             return
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]  # PIL has no HxWx1 mode
-        self.client.log_image(self.run_id, image, key=key, step=int(step))
+        try:
+            rel = self.outbox.save_array(f"{key.replace('/', '~')}+{step}+{time.monotonic_ns()}", image)
+        except OSError as e:
+            log.warning("sample grid %s at step %d not kept for MLflow (%s)", key, step, one_line(e))
+            return
+        self._put({"kind": "image", "key": key, "step": step, "time": int(time.time() * 1000), "file": rel})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file (or a folder's files) stored with the run."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """A file (or a folder's files) stored with the run; sent from its place in the run dir."""
+        self._put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set (or overwrite) run tags in one request."""
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._put({"kind": "params_tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def flush(self) -> None:
-        """Send what is queued and wait for background sends; a failure is logged, not raised (training goes on)."""
-        if self.client is None:
+        """Send what is queued and wait for it, unless the server is away (then it stays queued; training goes on)."""
+        if self._thread is None:
             return
-        pending, self._pending = self._pending, []
-        errors = []
-        for op in pending:
-            try:
-                op.wait()
-            except Exception as e:
-                errors.append(e)
-        try:
-            self._send(synchronous=True)
-        except Exception as e:
-            errors.append(e)
-        # A tracking hiccup must not end a training run (its checkpoints are on disk): warn, go on.
-        for e in errors:
-            log.warning("MLflow metrics not logged: %s", one_line(e))
+        with self._cv:
+            self._flush_wanted = True
+            self._cv.notify_all()
+            while self._queue and self._outage_since is None and self._thread.is_alive():
+                self._cv.wait(0.5)
+            self._flush_wanted = False
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush and close the run (status FINISHED | FAILED | KILLED)."""
-        if self.client is None or self.run_id is None or self._finished:
+        """Deliver everything and close the run (status FINISHED | FAILED | KILLED); with the server away for longer
+        than $GANCORE_TRACK_FINISH_WAIT_S, keep the rest in the outbox and say so in one line."""
+        if self.client is None or self.run_id is None or self._finished or self._thread is None:
             return
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"finish status must be FINISHED, FAILED or KILLED, got {status!r}")
-        self.flush()
-        try:
-            self.client.set_terminated(self.run_id, status)
-        except Exception as e:
-            log.warning("MLflow run %s not closed: %s", self.run_id, one_line(e))
+        self._put({"kind": "status", "status": status})
+        with self._cv:
+            self._closing = True
+            self._give_up_at = time.monotonic() + self._finish_wait_s
+            self._cv.notify_all()
+        self._thread.join()
         self._finished = True
+        assert self.outbox is not None
+        if not self._queue:
+            self.outbox.remove()
+            return
+        self.outbox.close()
+        self.kept = self.outbox.dir
+        log.warning("MLflow server at %s did not come back: %s of run %s kept in %s; send them with: "
+                    "python jobs/sync.py %s", self.uri, describe(list(self._queue)), self.run_id, self.kept,
+                    self.run_dir)
+
+    # -- the sender thread
+
+    def _due(self) -> bool:
+        """Whether the head of the queue should be sent now (metrics wait for a full batch or FLUSH_EVERY_S)."""
+        if not self._queue:
+            return False
+        return (self._closing or self._flush_wanted or self._queued_values >= FLUSH_EVERY_METRICS
+                or any(r.get("kind") != "metrics" for r in self._queue)
+                or time.monotonic() - self._last_send >= FLUSH_EVERY_S)
+
+    def _deliver_loop(self) -> None:
+        refused = 0  # failed sends of the head batch while the server answers (a request it rejects)
+        backoff = RETRY_MIN_S
+        while True:
+            with self._cv:
+                while not self._due():
+                    if self._closing and not self._queue:
+                        return
+                    self._cv.wait(timeout=min(FLUSH_EVERY_S, 1.0) if self._queue else None)
+                batch = next_batch(self._queue)
+                verify = self._verify
+            try:
+                self._sender.send(batch, verify)
+            except Exception as e:  # noqa: BLE001 - nothing the store does may end the training run
+                self._verify = True  # the request may have reached the store: check before sending again
+                self._sender.forget()
+                if self._server_answers():
+                    refused += 1
+                    if refused < REFUSED_TRIES:
+                        time.sleep(RETRY_MIN_S)
+                        continue
+                    log.warning("MLflow refused %s of run %s (%s); not retried", describe(batch), self.run_id,
+                                one_line(e))
+                else:
+                    if not self._wait_for_server(e, backoff):
+                        return  # finish() gave up waiting: the rest stays in the outbox
+                    backoff = min(backoff * 2, max(self._retry_max_s, RETRY_MIN_S))
+                    continue
+            refused, backoff = 0, RETRY_MIN_S
+            with self._cv:
+                for _ in batch:
+                    rec = self._queue.popleft()
+                    if rec.get("kind") == "metrics":
+                        self._queued_values -= len(rec["values"])
+                self._cursor += len(batch)
+                delivered_upto = self._cursor
+                self._last_send = time.monotonic()
+                self._verify = False
+                if self._outage_since is not None:
+                    log.info("MLflow server at %s is back after %.0f s; sending what was kept", self.uri,
+                             time.monotonic() - self._outage_since)
+                    self._outage_since = None
+                self._cv.notify_all()
+            if self.outbox is not None:
+                try:
+                    self.outbox.mark_delivered(batch, delivered_upto)
+                except OSError:  # a record sent twice later is left out by verification
+                    pass
+
+    def _server_answers(self) -> bool:
+        try:
+            check_reachable(self.uri)
+            return True
+        except TrackingError:
+            return False
+
+    def _wait_for_server(self, error: Exception, backoff: float) -> bool:
+        """Outage: warn (once per outage), then wait until the server answers. False when finish() gives up."""
+        with self._cv:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                self._cv.notify_all()  # a waiting flush() returns
+                log.warning("MLflow server at %s unreachable (%s); training goes on, tracking data is kept in %s "
+                            "and sent when the server is back", self.uri, _reason(error), self.outbox and self.outbox.dir)
+        delay = backoff
+        while True:
+            with self._cv:
+                if self._closing and time.monotonic() >= self._give_up_at:
+                    return False
+                wait = delay if not self._closing else min(delay, max(0.0, self._give_up_at - time.monotonic()))
+                self._cv.wait(timeout=wait)
+                if self._closing and time.monotonic() >= self._give_up_at:
+                    return False
+            if self._server_answers():
+                return True
+            delay = min(delay * 2, max(self._retry_max_s, RETRY_MIN_S))
+
+
+def _reason(e: Exception) -> str:
+    """The short cause of a failed send (MLflow wraps urllib3's 'Max retries exceeded ... Connection refused')."""
+    text = one_line(e)
+    for cause in ("Connection refused", "timed out", "Name or service not known", "Connection reset",
+                  "Remote end closed connection", "Connection aborted"):
+        if cause.lower() in text.lower():
+            return cause.lower()
+    return text[:120]
 
 
 def make_tracker(cfg: Config, is_main: bool) -> Tracker:

@@ -14,7 +14,7 @@ class EMA(nn.Module):
     The warm-up on d (as TensorFlow's ExponentialMovingAverage with num_updates) lets short runs sample from a
     shadow that is not still mostly the initial weights. Buffers (BatchNorm statistics) are copied.
     The update counter t lives on the device and d is computed there, so an update reads nothing on the host and
-    can be replayed inside a captured CUDA graph (gancore/fast.py); float64 maths, then the same float32 weight
+    can be replayed inside a captured CUDA graph (gancore/train/fast.py); float64 maths, then the same float32 weight
     the host formula gives.
     """
 

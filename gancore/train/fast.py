@@ -1,6 +1,6 @@
 """The fast path (`train.compile`): fewer kernel launches, no host syncs, one CUDA graph per training step.
 
-    none               the plain loop of gancore/trainer.py (the reference for exactness)
+    none               the plain loop of gancore/train/loop.py (the reference for exactness)
     compile            torch.compile every network (inductor kernels); the loop itself unchanged
     cudagraph          the whole step -- every phase's forward, backward and optimiser step, the EMA update and the
                        statistics -- captured once in a CUDA graph and replayed: one launch per step instead of

@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from gancore import plots
 from gancore.config import Config, save_yaml
 from gancore.data import DeviceLoader, load_images
-from gancore.errors import NonFiniteLossError
+from gancore.errors import NonFiniteLossError, TrackingError
 from gancore.families.base import Batch, Family
 from gancore.progress import Bar
 from gancore.tracking import check_reachable, make_tracker, resolve_uri
@@ -99,15 +99,26 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     # Resume: the run dir, the checkpoint, every piece of state (gancore/train/state.py)
     run_dir, resume_from = ckpt.resolve_run_dir(cfg, out, resume) if is_main else (None, None)
     run_dir, resume_from = broadcast_object_list([run_dir, resume_from])
-    run = ckpt.RunState() if resume_from is None else ckpt.RunState.restore(resume_from, cfg, family, accelerator, loader)
+    run = ckpt.RunState() if resume_from is None else ckpt.RunState.restore(
+        resume_from, cfg, family, accelerator, loader, fallback=resume == "auto" or Path(resume).is_dir())
     window = StatsAccumulator()  # per log window (run.epoch_stats: per epoch)
     tracker = make_tracker(cfg, is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
-        run.run_id = tracker.start(cfg, run_dir, run.run_id, tags={
-            "gancore.world_size": str(accelerator.num_processes),
-            "gancore.device": str(accelerator.device), "gancore.host": socket.gethostname(), **(tags or {})})
+        start_tags = {"gancore.world_size": str(accelerator.num_processes), "gancore.device": str(accelerator.device),
+                      "gancore.host": socket.gethostname(), **(tags or {})}
+        unsaved = None  # the MLflow run of a session killed before its first checkpoint: continued, not doubled
+        if resume_from is None and resume == "auto" and cfg.track.enabled:
+            unsaved = run.run_id = ckpt.unsaved_tracking_run(run_dir, resolve_uri(cfg.track.uri), cfg)
+        try:
+            run.run_id = tracker.start(cfg, run_dir, run.run_id, tags=start_tags)
+        except TrackingError:
+            if unsaved is None:
+                raise
+            run.run_id = tracker.start(cfg, run_dir, None, tags=start_tags)  # that run is gone from the store
+        if run.run_id is not None:
+            ckpt.record_tracking_run(run_dir, run.run_id, resolve_uri(cfg.track.uri), cfg)
         if run.step == 0:  # the report's export of real images, beside the generated grids
             plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
             tracker.log_artifact(run_dir / "real_samples.png")

@@ -7,10 +7,20 @@ for evaluation, generation and sweeps; `resolve_run_dir` decides where a run wri
 
     <run dir>/checkpoints/step_XXXXXXXX.pt   the newest train.keep_checkpoints, by step
     <run dir>/checkpoints/best.pt            the best-FID checkpoint (outside the rotation)
+    <run dir>/tracking_run.json              the MLflow run as soon as it exists (a kill before the first
+                                             checkpoint must not cost a second run)
+
+Faults (README "Reliability"): every write is atomic (gancore.io.atomic_write), so a kill -9 loses at most the
+steps since the last checkpoint. A write that fails (disk full, I/O error) is a one-line CheckpointError and
+replaces nothing. A torn or corrupt newest checkpoint (a machine crash on a filesystem without atomic rename) is
+set aside as <name>.corrupt and the resume falls back to the newest earlier one that reads, with a warning.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import pickle
 import random
 import re
@@ -24,23 +34,67 @@ import numpy as np
 import torch
 
 from gancore.config import Config, from_dict, resume_differences, to_dict
-from gancore.errors import CheckpointError
+from gancore.errors import CheckpointError, GancoreError
 from gancore.families.base import Family
-from gancore.io import atomic_write
+from gancore.io import atomic_write, temp_name_pattern
 from gancore.registry import FAMILIES
 from gancore.train.ema import EMA
 from gancore.train.fast import restore_adam_options
 from gancore.train.stats import StatsAccumulator
 
+log = logging.getLogger(__name__)
+
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
+TRACKING_RUN = "tracking_run.json"
 FORMAT_VERSION = 1
+# what every reader needs (load_family: config, shapes, networks; resume: the rest is read with .get or checked there)
+REQUIRED_KEYS = ("networks", "config", "image_shape", "num_classes", "step")
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")
 
 
+class _KeepWriteError:
+    """The file torch.save writes to, keeping the OSError of a failed write (torch re-raises it as a RuntimeError
+    that names only a zip offset)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save(state: dict[str, Any], path: str | Path) -> Path:
-    """torch.save through gancore.io.atomic_write: a crash never leaves a half-written file."""
-    return atomic_write(path, lambda fh: torch.save(state, fh))
+    """torch.save through gancore.io.atomic_write: a kill or crash never leaves a half-written file.
+
+    A write that fails (disk full, I/O error) leaves no temp file and replaces nothing; it is a one-line
+    CheckpointError naming the file, the cause and the last good checkpoint (the run stops there).
+    """
+    path = Path(path)
+    out: list[_KeepWriteError] = []
+
+    def write(fh: Any) -> None:
+        out.append(_KeepWriteError(fh))
+        torch.save(state, out[0])
+
+    try:
+        return atomic_write(path, write)
+    except (OSError, RuntimeError) as e:
+        cause = out[0].error if out and out[0].error is not None else e
+        if not isinstance(cause, OSError):
+            raise  # not a write failure: a bug, keep its traceback
+        reason = f"{type(cause).__name__}: {cause.strerror or cause}".replace("\n", " ")
+        good = latest(path.parent.parent) if path.parent.name == CKPT_DIR else None
+        raise CheckpointError(f"checkpoint {path} not written ({reason}); nothing was replaced, the last good one is "
+                              f"{good or 'none yet'}; free disk space or fix the folder, then continue with "
+                              "--resume auto") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,8 +107,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a gancore checkpoint "
                               f"({type(e).__name__}); resume from an earlier one in its folder") from None
-    if not isinstance(state, dict) or "networks" not in state:
-        raise CheckpointError(f"{str(path)!r} is not a gancore checkpoint (no 'networks' entry)")
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not a gancore checkpoint (no {', '.join(map(repr, missing))} "
+                              "entry); pass a checkpoint written by gancore (<run dir>/checkpoints/*.pt)")
     return state
 
 
@@ -81,9 +137,40 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints."""
+    """Delete all but the newest `keep` step checkpoints, and temp files a killed writer left behind."""
     for p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
+    for pattern in (temp_name_pattern("step_*.pt"), temp_name_pattern(BEST)):  # only rank 0 writes, one at a time
+        for p in (Path(run_dir) / CKPT_DIR).glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def load_for_resume(path: Path, fallback: bool) -> tuple[Path, dict[str, Any], list[Path]]:
+    """(checkpoint used, its state, unreadable newer ones). With `fallback` (`path` is its run's newest, picked
+    automatically), a torn or corrupt `path` gives way to the newest earlier step checkpoint that reads; with none
+    (or without `fallback`), the error of `path` stands."""
+    try:
+        return path, load(path), []
+    except CheckpointError:
+        m = _STEP_RE.search(path.name)
+        if not fallback or m is None or path.parent.name != CKPT_DIR:
+            raise
+        bad = [path]
+        for p in reversed(list_checkpoints(path.parent.parent)):
+            if int(_STEP_RE.search(p.name).group(1)) >= int(m.group(1)):
+                continue
+            try:
+                return p, load(p), bad
+            except CheckpointError:
+                bad.append(p)
+        raise  # the error of `path` (the newest)
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Rename unreadable checkpoints to <name>.corrupt: kept for a look, out of the rotation and of `latest`."""
+    for p in paths:
+        if p.is_file():
+            p.rename(p.with_name(p.name + ".corrupt"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,30 +202,80 @@ def _tuples(x: Any) -> Any:
 # Where a run writes, and the run's state as a checkpoint dict
 
 
+def _writable_dir(d: Path) -> Path:
+    """`d` itself, once checked: a directory (or creatable as one) that this process may write into."""
+    if d.exists() and not d.is_dir():
+        raise GancoreError(f"run directory {str(d)!r} is an existing file; pass --out with a new or existing directory")
+    parent = d
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GancoreError(f"cannot create run directory {str(d)!r}: {str(parent)!r} is a file; pass --out with "
+                           "a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GancoreError(f"cannot write run directory {str(d)!r}: no write permission in {str(parent)!r}; "
+                           "pass --out with a writable directory")
+    return d
+
+
+def _archive(p: Path) -> Path:
+    """A checkpoint the user named, once checked to be a torch.save archive (other files fail deep inside the
+    unpickler). Checkpoints found by step are not checked here: RunState.restore falls back from a torn newest one."""
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(f"checkpoint {str(p)!r} is not a gancore checkpoint (not a torch.save archive); "
+                              "resume from another file in its folder or start a new run")
+    return p
+
+
 def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from or None). Never reuses a run dir that holds checkpoints by accident."""
+    """(run dir, checkpoint to resume from or None). Never reuses a run dir that holds checkpoints by accident.
+
+    Every path problem (--out naming a file, an unwritable parent, a missing checkpoint) is raised here, before the
+    run writes anything.
+    """
+    if out is not None:
+        _writable_dir(Path(out))
     if resume and resume != "auto":
         path = Path(resume)
         if path.is_dir():
             found = latest(path)
             if found is None:
                 raise CheckpointError(f"no checkpoints in {path}/{CKPT_DIR}; pass a checkpoint file or a run dir")
-            return path, found
+            return _writable_dir(path), found
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} not found")
-        return (Path(out) if out else path.parent.parent), path
+            raise CheckpointError(f"checkpoint {str(path)!r} not found; pass --resume auto, a checkpoint file or a "
+                                  "run dir")
+        return _writable_dir(Path(out) if out else path.parent.parent), _archive(path)
     if resume == "auto":
         if out:
             return Path(out), latest(out)
         candidates = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
         with_ckpt = [p for p in candidates if latest(p)]
         if with_ckpt:
-            return with_ckpt[-1], latest(with_ckpt[-1])
-    run_dir = Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+            return _writable_dir(with_ckpt[-1]), latest(with_ckpt[-1])
+    run_dir = _writable_dir(Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
     if latest(run_dir) is not None and resume != "auto":
         raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or --out NEW_DIR for a new one")
     return run_dir, None
+
+
+def record_tracking_run(run_dir: Path, run_id: str, uri: str, cfg: Config) -> None:
+    """Note the run dir's MLflow run (store, experiment, hyper-parameters) the moment it exists: the checkpoints
+    carry the run id too, but a kill before the first one must not cost a second MLflow run on --resume auto."""
+    atomic_write(Path(run_dir) / TRACKING_RUN, json.dumps(
+        {"run_id": run_id, "uri": uri, "experiment": cfg.track.experiment, "config": to_dict(cfg)}, indent=1))
+
+
+def unsaved_tracking_run(run_dir: Path, uri: str, cfg: Config) -> str | None:
+    """The MLflow run of a run dir whose first session was killed before its first checkpoint, when the same store,
+    experiment and hyper-parameters start it again; else None (a new MLflow run)."""
+    try:
+        rec = json.loads((Path(run_dir) / TRACKING_RUN).read_text())
+        same = rec["uri"] == uri and rec["experiment"] == cfg.track.experiment and not resume_differences(rec["config"], cfg)
+        return str(rec["run_id"]) if same else None
+    except (OSError, ValueError, KeyError, TypeError, GancoreError):  # no record, or one from another version
+        return None
 
 
 def build_family(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> Family:
@@ -178,9 +315,20 @@ class RunState:
         }
 
     @classmethod
-    def restore(cls, path: Path, cfg: Config, family: Family, accelerator: Any, loader: Any) -> RunState:
-        """Load every piece of state from checkpoint `path` into the family, accelerator and loader."""
-        state = load(path)
+    def restore(cls, path: Path, cfg: Config, family: Family, accelerator: Any, loader: Any,
+                fallback: bool = False) -> RunState:
+        """Load every piece of state from checkpoint `path` into the family, accelerator and loader.
+
+        `fallback`: `path` was picked as its run's newest; if it is torn or corrupt, the newest earlier one that
+        reads is used instead (the unreadable ones are renamed <name>.corrupt) with a one-line warning.
+        """
+        used, state, unreadable = load_for_resume(Path(path), fallback)
+        if unreadable and accelerator.is_main_process:
+            set_aside(unreadable)
+            log.warning("checkpoint %s torn or corrupt (renamed %s); resuming from the earlier %s (step %d)",
+                        ", ".join(str(p) for p in unreadable), ", ".join(f"{p.name}.corrupt" for p in unreadable),
+                        used, int(state["step"]))
+        path = used
         diffs = resume_differences(state["config"], cfg)
         if diffs:
             raise CheckpointError(f"{path} was trained with other hyper-parameters ({'; '.join(diffs)}); "

@@ -11,7 +11,7 @@ class StatsAccumulator:
     """Sums 0-d tensors per name on their device; `read()` returns the means with one transfer.
 
     Two ways in: `add(stats)` (the plain loop: a dict of 0-d tensors, counted), and `add_block(keys, values)` +
-    `add_counts(counts)` (the static step of gancore/fast.py: one in-place add of a stacked vector into a fixed
+    `add_counts(counts)` (the static step of gancore/train/fast.py: one in-place add of a stacked vector into a fixed
     buffer per key tuple, which a CUDA graph can replay; the host counts separately). Reads merge both.
     """
 

@@ -1,0 +1,266 @@
+"""Faults: kill -9 at any moment loses at most the steps since the last checkpoint (one MLflow run, no metric step
+twice); a checkpoint write that fails half-way keeps the previous one; a torn newest checkpoint gives way to the one
+before it. Every run here ends bit-identical to the same config trained without a fault."""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, needs_mnist
+
+from gancore.config import load_config
+from gancore.errors import CheckpointError
+from gancore.train import state as ckpt
+from gancore.train.loop import fit
+
+pytestmark = needs_mnist
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+# 40 steps (256 images / batch 32 x 5 epochs) of a small DCGAN on 16x16 MNIST; a checkpoint every 5 steps
+TINY = ["data.subset=256", "optim.batch_size=32", "model.arch=dcgan", "data.image_size=16", "model.nz=16",
+        "model.ngf=8", "model.ndf=8", "train.checkpoint_every=5", "train.log_every=1", "train.progress=false",
+        "track.image_every=10"]
+STEPS = 40
+STATE_KEYS = ("step", "networks", "optimizers", "ema", "scaler", "rng", "loader", "history", "epoch_stats", "best")
+TIMED = {"images_per_s"}  # metrics that measure the machine, not the run
+
+
+def _diffs(a, b, path: str = "") -> list[str]:
+    """Paths where two nested checkpoint values differ; tensors compared exactly (dtype, shape, every bit)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in _diffs(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _diffs(u, v, f"{path}[{i}]")]
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        same = torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [path]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _assert_same_state(final: Path, reference: Path) -> None:
+    a, b = ckpt.load(final), ckpt.load(reference)
+    assert a["step"] == STEPS
+    for key in STATE_KEYS:
+        assert _diffs(a[key], b[key]) == [], key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same config trained without a fault (tracking on, into its own store): its final checkpoint and run."""
+    root = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed processes below (OMP_NUM_THREADS=1): same kernels, same bits
+    try:
+        r = fit(load_config(QUICKSTART, [*TINY, f"track.uri=sqlite:///{root}/mlflow.db"]), out=root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    assert r.status == "finished" and r.step == STEPS and r.checkpoint.name == f"step_{STEPS:08d}.pt"
+    return {"checkpoint": r.checkpoint, "uri": f"sqlite:///{root}/mlflow.db", "run_id": r.run_id}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kill -9
+
+
+def _wait(proc: subprocess.Popen, until, what: str, log: Path, timeout: float = 240) -> None:
+    """Poll (every 2 ms) until `until()` holds, while the process lives."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.002)
+
+
+def _step(p: Path | None) -> int:
+    return int(p.name[5:13]) if p is not None else 0
+
+
+def _metric_steps(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    run = client.get_run(run_id)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+
+
+def _image_steps(client, run_id: str) -> list[tuple[str, int]]:
+    """(key, step) of every logged image (MLflow names them images/<key>+step+<N>+timestamp+...png)."""
+    names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+    return sorted((n.split("+")[0], int(n.split("+")[2])) for n in names if n.endswith(".png"))
+
+
+def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/store/mlflow.db"
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(QUICKSTART), *TINY, f"track.uri={uri}",
+           "--out", str(run_dir), "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    ckpt_dir = run_dir / "checkpoints"
+    rng = random.Random(20)  # seeded: the same kill points on every run of this test
+    created = run_dir / "real_samples.png"  # written right after the MLflow run is created, before step 1
+
+    def writing(step: int):  # checkpoint `step` is being written (its temp file) or has just been written
+        return lambda: any(ckpt_dir.glob(f".step_{step:08d}.pt.*.tmp")) or ckpt.step_path(run_dir, step).exists()
+
+    def after(start: float, seconds: float):
+        return lambda: time.monotonic() - start >= seconds
+
+    # (what, condition to kill at, seconds to wait after it holds); conditions are built when the session starts
+    kills = [
+        ("start-up", lambda at: lambda: after(at, rng.uniform(0.3, 2.0))() or created.exists(), 0.0),
+        ("MLflow run created, no checkpoint yet", lambda at: created.exists, 0.0),
+        ("checkpoint write", lambda at: writing(rng.choice([10, 15, 20])), 0.0),
+        ("between checkpoints", lambda at: writing(_step(ckpt.latest(run_dir)) + 10), rng.uniform(0.02, 0.2)),
+        ("end-of-run report, after the last checkpoint", lambda at: ckpt.step_path(run_dir, STEPS).exists, 0.0),
+    ]
+    seen = []
+    for i, (what, condition, extra) in enumerate(kills):
+        log = tmp_path / f"session{i}.log"
+        before = _step(ckpt.latest(run_dir))
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait(proc, condition(time.monotonic()), what, log)
+            time.sleep(extra)
+            assert proc.poll() is None, f"training finished before the '{what}' kill:\n{log.read_text()[-3000:]}"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        seen.append((what, before, _step(ckpt.latest(run_dir))))
+    assert seen[0][2] == 0 and seen[1][2] == 0, seen  # the first two kills came before any checkpoint
+    assert seen[-1][2] == STEPS, seen
+
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"done: {STEPS} steps" in p.stdout
+
+    # the training state: bit for bit the uninterrupted run's
+    final = ckpt.step_path(run_dir, STEPS)
+    _assert_same_state(final, reference["checkpoint"])
+    assert not list(ckpt_dir.glob("*.tmp")), "a killed writer's temp file was left behind"
+
+    # MLflow: one run, FINISHED, every metric step logged once with the uninterrupted run's value
+    client, ref_client = MlflowClient(uri), MlflowClient(reference["uri"])
+    exp = client.get_experiment_by_name("gancore")
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and ckpt.load(final)["run_id"] == run.info.run_id
+    got, want = _metric_steps(client, run.info.run_id), _metric_steps(ref_client, reference["run_id"])
+    assert set(got) == set(want)
+    for key in want:
+        steps = [s for s, _ in got[key]]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice: {steps}"
+        assert steps == [s for s, _ in want[key]], key
+        if key not in TIMED:
+            assert got[key] == want[key], key
+    assert got["Loss/D"][-1][0] == STEPS and len(got["Loss/D"]) == STEPS  # log_every=1: every step, once
+    images = _image_steps(client, run.info.run_id)
+    assert images == _image_steps(ref_client, reference["run_id"]) == [("samples", s) for s in (10, 20, 30, 40)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a checkpoint write that fails half-way; a torn newest checkpoint
+
+
+class _FullDisk(io.FileIO):
+    """A file whose writes fail (ENOSPC) once 50 kB are written: the disk fills up during the checkpoint."""
+
+    room = 50_000
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return super().write(data)
+
+
+@pytest.mark.parametrize("how", ["save-raises", "disk-full"])
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, reference, monkeypatch, how):
+    """The step-10 checkpoint write fails half-way: torch.save writes some bytes and raises, or the disk fills up
+    under torch.save (which reports that as a RuntimeError). The run stops with one line; step 5 is kept."""
+    import gancore.io
+
+    cfg = load_config(QUICKSTART, [*TINY, "track.enabled=false"])
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+
+    def save_fails_at_step_10(obj, f, *args, **kwargs):
+        if ".step_00000010.pt." not in str(getattr(getattr(f, "fh", f), "name", "")):
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04" + bytes(4096))  # half a zip, then the failure
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full_at_step_10(path, mode="r", *args, **kwargs):
+        if ".step_00000010.pt." in str(path):
+            return _FullDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with monkeypatch.context() as m, pytest.raises(CheckpointError) as err:
+            if how == "save-raises":
+                m.setattr(ckpt.torch, "save", save_fails_at_step_10)
+            else:
+                m.setattr(gancore.io, "open", open_full_at_step_10, raising=False)  # atomic_write's open
+            fit(cfg, out=run_dir)
+        msg = str(err.value)
+        assert "\n" not in msg
+        assert msg.startswith(f"checkpoint {ckpt.step_path(run_dir, 10)} not written (OSError: No space left on device)")
+        assert f"the last good one is {ckpt.step_path(run_dir, 5)}" in msg and "--resume auto" in msg
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000005.pt"]  # no temp file left
+        assert ckpt.load(ckpt.step_path(run_dir, 5))["step"] == 5
+        resumed = fit(cfg, out=run_dir, resume="auto")
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.status == "finished" and resumed.steps_run == STEPS - 5  # from the step-5 checkpoint
+    _assert_same_state(resumed.checkpoint, reference["checkpoint"])
+
+
+def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, caplog):
+    cfg = load_config(QUICKSTART, [*TINY, "track.enabled=false"])
+    run_dir = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        part = fit(cfg, out=run_dir, stop_after=12)  # checkpoints at 5, 10 and the stop at 12; the newest two kept
+        assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_00000010.pt", "step_00000012.pt"]
+        torn = ckpt.step_path(run_dir, 12)
+        data = torn.read_bytes()
+        torn.write_bytes(data[: len(data) // 2])  # a crash after the rename, before the data reached the disk
+        with caplog.at_level(logging.WARNING, logger="gancore.train.state"):
+            resumed = fit(cfg, out=run_dir, resume="auto")
+    finally:
+        torch.set_num_threads(threads)
+    assert part.status == "stopped"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gancore.train.state"]
+    assert warnings == [(f"checkpoint {torn} torn or corrupt (renamed step_00000012.pt.corrupt); resuming from the "
+                         f"earlier {ckpt.step_path(run_dir, 10)} (step 10)")]
+    assert resumed.status == "finished" and resumed.steps_run == STEPS - 10
+    assert (run_dir / "checkpoints" / "step_00000012.pt.corrupt").read_bytes() == data[: len(data) // 2]
+    _assert_same_state(resumed.checkpoint, reference["checkpoint"])
+
+    # every step checkpoint unreadable: the one-line error of the newest, nothing renamed
+    for p in ckpt.list_checkpoints(run_dir):
+        p.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"step_00000040.pt' is corrupt or not a gancore checkpoint"):
+        fit(cfg, out=run_dir, resume="auto")
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_00000035.pt", "step_00000040.pt"]

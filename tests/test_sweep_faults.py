@@ -1,0 +1,193 @@
+"""Sweep workers that die (issue #20): a worker SIGKILLed in the middle of a trial does not stop the sweep; its
+trial is re-queued and resumes from its last checkpoint, in the same MLflow run; no trial is lost or run twice.
+
+SQLite: the coordinator sees its worker process die and re-queues the trial at once (dead pid). PostgreSQL: a
+worker of "another host" (a `jobs/sweep.py --worker` process whose hostname is faked) is killed; only Optuna's
+heartbeat can tell, after `grace_period`."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import ROOT, needs_mnist, needs_pg
+from mlflow.tracking import MlflowClient
+
+from gancore import sweep as sw
+from gancore.sweep import load_sweep
+from gancore.train import state as ckpt
+
+OBJ = "fid_lenet_200"
+STEPS, EVERY = 20, 5  # steps per trial; checkpoint and log interval
+SPACE = {
+    "lr": {"keys": ["optim.lr_g", "optim.lr_d"], "type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True},
+    "model.nz": {"type": "categorical", "choices": [16, 32]},
+}
+PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
+
+
+def sweep_file(tmp_path: Path, study: str, n_trials: int, storage: dict | None = None) -> Path:
+    """A tiny MNIST sweep: STEPS steps of batch 32, a checkpoint every EVERY steps, domain FID at the end only."""
+    overrides = {
+        "data.subset": 32 * STEPS, "optim.batch_size": 32, "model.ngf": 16, "model.ndf": 16,
+        "train.max_steps": STEPS, "train.log_every": EVERY, "train.checkpoint_every": EVERY,
+        "train.snapshot_epochs": [1], "train.loss_ranges": [[1, 1]], "train.grid_size": 16,
+        "track.image_every": STEPS, "track.uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+        "track.experiment": "sweeps", "eval.every": STEPS, "eval.n_samples": 200, "eval.extractor": "lenet_mnist",
+    }
+    d = {"study": study, "base": str(ROOT / "configs" / "quickstart.yaml"), "overrides": overrides, "objective": OBJ,
+         "space": SPACE, "budget": {"n_trials": n_trials}, "sampler": {"name": "tpe", "seed": 0},
+         "pruner": {"name": "none"}, "out": str(tmp_path / "sweeps"), **({"storage": storage} if storage else {})}
+    path = tmp_path / f"{study}.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def popen(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def trials(sweep) -> list:
+    try:
+        return optuna.load_study(study_name=sweep.study, storage=sw.open_storage(sweep.storage_url)).get_trials()
+    except KeyError:  # not created yet
+        return []
+
+
+def study_attrs(sweep) -> dict:
+    try:
+        return optuna.load_study(study_name=sweep.study, storage=sw.open_storage(sweep.storage_url)).user_attrs
+    except KeyError:
+        return {}
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def kill_after_first_checkpoint(sweep, procs: list[subprocess.Popen], host: str | None = None,
+                                parent: int | None = None) -> tuple[int, int, float]:
+    """SIGKILL the worker process of a RUNNING trial (on `host`, a child of `parent`) once that trial wrote its first
+    checkpoint and before its last. Returns (trial number, worker pid, time of the kill)."""
+    first = f"step_{EVERY:08d}.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for t in trials(sweep):
+            worker, run_dir = t.user_attrs.get("gancore.worker", ""), t.user_attrs.get("gancore.run_dir")
+            if (t.state.name == "RUNNING" and run_dir and (Path(run_dir) / "checkpoints" / first).exists()
+                    and (host is None or worker.startswith(f"{host}:"))
+                    and not (Path(run_dir) / "checkpoints" / f"step_{STEPS:08d}.pt").exists()):
+                pid = int(worker.rsplit(":", 2)[1])
+                assert parent is None or parent_pid(pid) == parent  # one of the coordinator's workers
+                os.kill(pid, signal.SIGKILL)
+                return t.number, pid, time.time()
+        for p in procs:
+            assert p.poll() is None, p.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError("no trial reached its first checkpoint")
+
+
+def assert_nothing_lost(sweep, n_trials: int, killed: int, killed_at: float) -> None:
+    """Each trial of the budget ends COMPLETE exactly once; the killed one's copy resumed from its last checkpoint
+    in the same MLflow run, which is the only child run of that trial."""
+    t = trials(sweep)
+    root = {x.number: x.system_attrs.get("retry_history", [x.number])[0] for x in t}
+    complete = [x for x in t if x.state.name == "COMPLETE"]
+    assert len(complete) == n_trials and sorted(root[x.number] for x in complete) == sorted(set(root.values()))
+    assert [(x.number, x.state.name) for x in t if x.state.name != "COMPLETE"] == [(killed, "FAIL")]
+    (copy,) = [x for x in t if x.system_attrs.get("retry_history") == [killed]]
+    assert copy.state.name == "COMPLETE" and copy.params == t[killed].params
+    assert copy.user_attrs["gancore.worker"] != t[killed].user_attrs["gancore.worker"]
+
+    dead_dir = Path(t[killed].user_attrs["gancore.run_dir"])
+    last = ckpt.latest(dead_dir)  # what the killed attempt left
+    step = int(last.stem.split("_")[1])
+    assert 0 < step < STEPS and copy.user_attrs["gancore.resume_step"] == step
+    assert copy.user_attrs["gancore.resumes"] == str(dead_dir)
+
+    client = MlflowClient(sweep.base.track.uri)
+    study = optuna.load_study(study_name=sweep.study, storage=sweep.storage_url)
+    parent = study.user_attrs[sw.PARENT_ATTR]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(x.number for x in complete)
+    assert {(r.data.tags["optuna.state"], r.info.status) for r in children} == {("COMPLETE", "FINISHED")}
+    run = next(r for r in children if r.data.tags["optuna.trial"] == str(copy.number))
+    assert run.info.run_id == ckpt.load(last)["run_id"] == copy.user_attrs["mlflow.run_id"]  # the same run
+    assert run.data.tags["gancore.resume_count"] == "1"
+    assert run.data.metrics[OBJ] == pytest.approx(copy.value, rel=1e-12)
+    hist = client.get_metric_history(run.info.run_id, "Loss/D")
+    steps = [m.step for m in hist]
+    assert len(steps) == len(set(steps)) and max(steps) == STEPS  # nothing logged twice
+    after = [m.step for m in hist if m.timestamp >= killed_at * 1000]
+    assert after and min(after) > step  # the copy went on from the checkpoint, not from step 0
+
+
+@needs_mnist
+@pytest.mark.timeout(600)  # subprocesses that train: minutes on a loaded 2-core machine
+def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
+    path = sweep_file(tmp_path, "killed", n_trials=3)
+    sweep = load_sweep(path)
+    p = popen([str(ROOT / "jobs" / "sweep.py"), str(path), "--workers", "2"], tmp_path)
+    try:
+        killed, pid, killed_at = kill_after_first_checkpoint(sweep, [p], parent=p.pid)
+        out, _ = p.communicate(timeout=400)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    assert f"(pid {pid}, killed by SIGKILL); the sweep goes on" in out
+    assert f"re-queued trial(s) {killed} of dead worker(s)" in out and "started worker 2 in place of" in out
+    assert "stopped by SIGTERM" not in out  # the other worker was left alone
+    assert_nothing_lost(sweep, 3, killed, killed_at)
+
+
+REMOTE = """import runpy, socket, sys
+socket.gethostname = lambda: "other-host"  # a worker on another machine: its pid means nothing here
+sys.path.insert(0, sys.argv[1])
+sys.argv = [sys.argv[1] + "/sweep.py", sys.argv[2], "--worker"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@needs_mnist
+@pytest.mark.timeout(600)  # subprocesses that train: minutes on a loaded 2-core machine
+@needs_pg
+def test_postgresql_heartbeat_requeues_a_killed_remote_worker(tmp_path):
+    study = f"killed-{uuid.uuid4().hex[:8]}"
+    path = sweep_file(tmp_path, study, n_trials=2, storage={"url": PG_URL, "heartbeat_interval": 1, "grace_period": 4})
+    sweep = load_sweep(path)
+    jobs = str(ROOT / "jobs")
+    coord = popen([f"{jobs}/sweep.py", str(path), "--workers", "1"], tmp_path)
+    remote = None
+    try:
+        deadline = time.monotonic() + 120
+        while sw.PARENT_ATTR not in study_attrs(sweep):  # prepared: another machine's worker may join
+            assert coord.poll() is None and time.monotonic() < deadline, coord.communicate()[0][-3000:]
+            time.sleep(0.2)
+        remote = popen(["-c", REMOTE, jobs, str(path)], tmp_path)
+        killed, pid, killed_at = kill_after_first_checkpoint(sweep, [remote, coord], host="other-host")
+        assert pid == remote.pid
+        remote.communicate(timeout=30)
+        out, _ = coord.communicate(timeout=500)
+        assert coord.returncode == 0, out[-3000:]
+        t = trials(sweep)
+        assert t[killed].user_attrs["gancore.worker"].startswith("other-host:")
+        # failed by the heartbeat (the last beat + grace_period), not at once by a pid check
+        assert t[killed].datetime_complete.timestamp() - killed_at > sweep.grace_period - 2
+        assert_nothing_lost(sweep, 2, killed, killed_at)
+    finally:
+        for p in (remote, coord):
+            if p is not None and p.poll() is None:
+                p.kill()
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=study, storage=PG_URL)
