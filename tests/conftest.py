@@ -92,6 +92,25 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+# What tests may share through the cache: entries keyed by their content and written atomically, that are costly to
+# build (decoded .npz arrays; trained domain extractors). Everything else (real-data statistics, trials per device)
+# is per test.
+SHARED_CACHE_ENTRIES = ("npz", "extractors")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Every test (and its subprocesses) gets its own $GANCORE_CACHE, so no test reads what another one computed;
+    SHARED_CACHE_ENTRIES are links into the session's cache ($GANCORE_CACHE as the run was started with)."""
+    from gancore.io import cache_dir
+
+    shared, own = cache_dir(), tmp_path_factory.mktemp("gancore-cache")  # beside, not in, the test's folder
+    for name in SHARED_CACHE_ENTRIES:
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (own / name).symlink_to(shared / name, target_is_directory=True)
+    monkeypatch.setenv("GANCORE_CACHE", str(own))
+
+
 # Parallel runs (`make test`: pytest -n 2 --dist loadfile --no-loadscope-reorder). Each test file is one unit of
 # work, so module- and session-scoped fixtures (a trained extractor, an MLflow server, a reference run) are built
 # once, and all Slurm tests live in test_slurm.py, so only one worker submits to the single-node cluster at a time.

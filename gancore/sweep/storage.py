@@ -51,7 +51,12 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
         # _serialise_sqlite
         engine["connect_args"] = {"timeout": 60, "isolation_level": None}
     elif url.startswith(("postgresql", "mysql")):
+        from sqlalchemy.pool import NullPool
+
         engine["connect_args"] = {"connect_timeout": 5}  # unreachable host: fail in seconds, not minutes
+        # no idle pooled connections: every worker, coordinator and heartbeat thread opens engines, and pooled ones
+        # (up to 15 each) exhausted the server's max_connections (100 by default) in a 2-worker test sweep
+        engine["poolclass"] = NullPool
     return engine
 
 

@@ -106,19 +106,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
-        start_tags = {"gancore.world_size": str(accelerator.num_processes), "gancore.device": str(accelerator.device),
-                      "gancore.host": socket.gethostname(), **(tags or {})}
-        unsaved = None  # the MLflow run of a session killed before its first checkpoint: continued, not doubled
-        if resume_from is None and resume == "auto" and cfg.track.enabled:
-            unsaved = run.run_id = ckpt.unsaved_tracking_run(run_dir, resolve_uri(cfg.track.uri), cfg)
-        try:
-            run.run_id = tracker.start(cfg, run_dir, run.run_id, tags=start_tags)
-        except TrackingError:
-            if unsaved is None:
-                raise
-            run.run_id = tracker.start(cfg, run_dir, None, tags=start_tags)  # that run is gone from the store
-        if run.run_id is not None:
-            ckpt.record_tracking_run(run_dir, run.run_id, resolve_uri(cfg.track.uri), cfg)
+        run.run_id = _start_tracking(tracker, cfg, run_dir, run.run_id, resume == "auto" and resume_from is None, {
+            "gancore.world_size": str(accelerator.num_processes), "gancore.device": str(accelerator.device),
+            "gancore.host": socket.gethostname(), **(tags or {})})
         if run.step == 0:  # the report's export of real images, beside the generated grids
             plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
             tracker.log_artifact(run_dir / "real_samples.png")
@@ -254,6 +244,24 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     accelerator.wait_for_everyone()
     return RunResult(run_dir, run.run_id, run.step, total_steps, status, last_ckpt, metrics, loop_seconds,
                      run.step - first_step, stop_signal=stop.signal if status == "stopped" else None)
+
+
+def _start_tracking(tracker: Any, cfg: Config, run_dir: Path, run_id: str | None, fresh_auto: bool,
+                    tags: dict[str, str]) -> str | None:
+    """Open (or reopen) the run's MLflow run and record it in the run dir before the first checkpoint exists, so
+    a session killed before its first checkpoint is continued by `--resume auto` in the same MLflow run."""
+    unsaved = None
+    if fresh_auto and cfg.track.enabled:  # --resume auto without a checkpoint: a killed first session's run?
+        unsaved = run_id = ckpt.unsaved_tracking_run(run_dir, resolve_uri(cfg.track.uri), cfg)
+    try:
+        run_id = tracker.start(cfg, run_dir, run_id, tags=tags)
+    except TrackingError:
+        if unsaved is None:
+            raise
+        run_id = tracker.start(cfg, run_dir, None, tags=tags)  # that run is gone from the store: a new one
+    if run_id is not None:
+        ckpt.record_tracking_run(run_dir, run_id, resolve_uri(cfg.track.uri), cfg)
+    return run_id
 
 
 def one_step(family: Family, accelerator: Accelerator, gen_net: torch.nn.Module, draw: Callable[[], Batch],
