@@ -50,3 +50,12 @@ SWEEP_ARGS ?=
 
 sweep: $(STAMP)  ## Optuna sweep (SWEEP=file WORKERS=n SMOKE=1 SWEEP_ARGS="--storage URL --n-trials N")
 	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)
+
+# `make dashboard`: optuna-dashboard on the sweep's study storage (the sweep file's `storage:`, else its sqlite file
+# under the sweep dir; STORAGE=URL overrides), on 127.0.0.1:8080 (PORT=n). The study must exist: run the sweep first.
+STORAGE ?=
+.PHONY: dashboard
+
+dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1 (SWEEP=file SMOKE=1 STORAGE=URL PORT=n)
+	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) --dashboard \
+		--port $(if $(filter file,$(origin PORT)),8080,$(PORT)) $(if $(STORAGE),--storage '$(STORAGE)')

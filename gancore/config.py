@@ -110,6 +110,11 @@ class TrackConfig:
     experiment: str = infra("gancore")  # MLflow experiment name
     image_every: int = infra(500)  # steps between fixed-noise grids logged as images
     log_checkpoints: str = infra("final")  # which checkpoints go to MLflow as artifacts: none | final | all
+    # MLflow system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU utilisation and memory
+    # with nvidia-ml-py) sampled every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10) by the main process
+    system_metrics: bool = infra(True)
+    # MLflow Model Registry name the finished run's generator model is registered under; None = logged, not registered
+    register_model: str | None = infra(None)
 
 
 @dataclass(frozen=True)

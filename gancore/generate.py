@@ -62,10 +62,13 @@ def torch_device(device: str) -> torch.device:
 
 
 def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = None, seed: int = 0,
-             batch_size: int = 500, device: str = "cpu") -> Path:
-    """Load the checkpoint, draw n samples, write them; returns the output path. Every argument is checked before
-    the checkpoint is loaded; device "auto": cuda when available."""
+             batch_size: int = 500, device: str = "cpu", uri: str | None = None) -> Path:
+    """Load the checkpoint (a file, a run dir, or an MLflow model URI runs:/RUN_ID/generator | models:/NAME/VERSION
+    read from the store `uri`), draw n samples, write them; returns the output path. Every argument is checked
+    before the model is loaded; device "auto": cuda when available. The same seed gives the same images from a
+    run's checkpoint and from its MLflow model."""
     from gancore.evaluation import checkpoint_file
+    from gancore.tracking import is_model_uri, load_generator
     from gancore.train.state import load_family
 
     if n <= 0:
@@ -76,7 +79,11 @@ def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = 
     fmt = fmt or {".npz": "npz", ".h5": "h5", ".hdf5": "h5"}.get(out.suffix.lower(), "png")
     check_output(out, fmt)  # before the (possibly long) sampling
     dev = torch_device(device)
-    family, cfg, _ = load_family(checkpoint_file(checkpoint, latest=True), dev)
+    if is_model_uri(str(checkpoint)):
+        family = load_generator(str(checkpoint), uri, dev).family  # the run's family, its sampling network only
+        cfg = family.cfg
+    else:
+        family, cfg, _ = load_family(checkpoint_file(checkpoint, latest=True), dev)
     x, y = sample_uint8(family, n, seed, batch_size)
     if fmt == "png":
         from PIL import Image

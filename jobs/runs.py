@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""List tracked runs: `python jobs/runs.py [--experiment NAME] [--sort METRIC] [--limit N] [--uri URI]`."""
+"""List tracked runs: `python jobs/runs.py [--experiment NAME] [--sort METRIC] [--limit N] [--uri URI]`;
+compare two: `python jobs/runs.py --compare RUN_A RUN_B [--uri URI]`."""
 
 from __future__ import annotations
 
@@ -18,15 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="gancore", help="MLflow experiment name (default: gancore)")
     p.add_argument("--sort", default=None, help="order by a metric's last value, ascending; --sort=-NAME descends")
     p.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default: 20)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                   help="two run ids: the params that differ and every metric's last value, side by side")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     args = p.parse_args(argv)
 
     def show() -> int:
         from rich.console import Console
 
-        from gancore.tracking import runs_table
+        from gancore.tracking import compare_table, runs_table
 
-        Console().print(runs_table(args.experiment, sort=args.sort, limit=args.limit, uri=args.uri))
+        if args.compare:
+            Console().print(compare_table(*args.compare, uri=args.uri))
+        else:
+            Console().print(runs_table(args.experiment, sort=args.sort, limit=args.limit, uri=args.uri))
         return 0
 
     return call(show)

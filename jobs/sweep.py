@@ -6,7 +6,8 @@ The same study name on the same storage continues the study (n_trials is the stu
 the sweep dir by default; `journal:PATH` or postgresql://... for Slurm workers on several nodes. Exit codes: 0 done,
 2 bad input / unusable storage, 75 stopped by a signal (run the same command again to continue).
 `--worker` runs one worker in this process (slurm/sweep.sh array tasks); `--prepare` only creates the study and the
-parent MLflow run; `--report` only prints the table and writes best.yaml and the figures.
+parent MLflow run; `--report` only prints the table and writes best.yaml and the figures; `--dashboard [--port N]`
+starts optuna-dashboard on the study's storage, on 127.0.0.1 (`make dashboard`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,22 @@ def main() -> int:
     mode.add_argument("--worker", action="store_true", help="be one worker of an already prepared sweep")
     mode.add_argument("--prepare", action="store_true", help="create/check the study and parent run, then exit")
     mode.add_argument("--report", action="store_true", help="only report (table, best.yaml, figures)")
+    mode.add_argument("--dashboard", action="store_true", help="optuna-dashboard on the study's storage, on "
+                      "127.0.0.1 (the study must exist)")
+    ap.add_argument("--port", type=positive_int, help="--dashboard's port (default 8080)")
     args = ap.parse_args()
+    if args.port is not None and not args.dashboard:
+        ap.error("--port goes with --dashboard")
     quiet_third_party()
 
     from gancore.sweep import load_sweep, run_sweep, run_worker
 
     sweep = load_sweep(args.sweep, storage=args.storage, n_trials=args.n_trials, timeout_s=args.timeout_s,
                        out=args.out)
+    if args.dashboard:  # reads the study, writes nothing: no sweep-dir check
+        from gancore.sweep.dashboard import DEFAULT_PORT, serve
+
+        serve(sweep, port=args.port or DEFAULT_PORT)
     try:  # the sweep file's own `out:` is checked here as --out is by argparse
         out_dir(str(sweep.dir))
     except argparse.ArgumentTypeError as e:

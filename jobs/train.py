@@ -52,8 +52,17 @@ def main() -> int:
               f"continue with --out {result.run_dir} --resume auto")
         return EXIT_STOPPED
     print(f"done: {result.step} steps; run dir {result.run_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else ""))
-    for k, v in sorted(result.metrics.items()):
+    quality = ("fid_", "best_fid_", "kid_", "is_", "precision_", "recall_")  # sample quality: printed last
+    other = {k: v for k, v in result.metrics.items() if not k.startswith(quality)}
+    for k, v in sorted(other.items()):
         print(f"  {k} = {v:.4f}")
+    sq = sorted((k for k in result.metrics if k.startswith(quality)),
+                key=lambda k: ([i for i, p in enumerate(quality) if k.startswith(p)][0], k))
+    if sq:
+        print(f"sample quality at step {result.step} (lower FID/KID is better, higher IS; the key names the "
+              "extractor and sample count):")
+        for k in sq:
+            print(f"  {k} = {result.metrics[k]:.4f}")
     return 0
 
 

@@ -88,7 +88,8 @@ def child_runs(client: MlflowClient, parent: str) -> list:
     ({"space": {"loss.name": {"type": "categorical", "choices": ["hinge", "hnge"]}}}, "unknown loss 'hnge'"),
     ({"space": {"optim.d_iters": {"type": "float", "low": 1, "high": 2.5}}}, "value 2.5 does not fit optim.d_iters"),
     ({"objective": "is_lenet_200"}, "expected an fid_* metric"),
-    ({"pruner": {"name": "median"}, "overrides": {"eval.n_samples": 200}}, "pruner median needs intermediate FIDs"),
+    ({"pruner": {"name": "median"}, "overrides": {"eval.n_samples": 200, "eval.every": 0}},
+     "pruner median needs intermediate FIDs"),
     ({"sampler": {"name": "grid"}}, "sampler.name: 'grid' is not one of tpe, random"),
     ({"budget": {}}, "give n_trials and/or timeout_s"),
 ])

@@ -191,7 +191,7 @@ class Delivery:
         self.client, self.run_id, self.box = client, run_id, box
         self._metric_steps: dict[str, set[int]] = {}  # key -> steps in the store (filled on demand when verifying)
         self._image_steps: dict[str, set[int]] | None = None
-        self.sent = {"metrics": 0, "image": 0, "artifact": 0, "params_tags": 0, "status": 0}
+        self.sent = {"metrics": 0, "image": 0, "artifact": 0, "params_tags": 0, "dataset": 0, "status": 0}
         self.skipped = 0  # already in the store
         self.missing: list[str] = []  # artifacts whose files are gone
 
@@ -284,6 +284,15 @@ class Delivery:
             j = slice(i, i + MAX_PARAMS_TAGS_PER_REQUEST)
             self.client.log_batch(self.run_id, params=params[j], tags=tags[j])
         self.sent["params_tags"] += 1
+
+    def _send_dataset(self, rec: dict[str, Any], verify: bool) -> None:
+        """The run's data as an MLflow dataset input (MLflow keeps one input per run and dataset: resent is no-op)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=rec["name"], digest=rec["digest"], source_type="gancore", source=rec["source"],
+                     profile=json.dumps(rec["profile"]))
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", rec["context"])])])
+        self.sent["dataset"] += 1
 
     def _send_status(self, rec: dict[str, Any], verify: bool) -> None:
         self.client.set_terminated(self.run_id, rec["status"])

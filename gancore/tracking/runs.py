@@ -1,4 +1,5 @@
-"""Reading runs back for `jobs/runs.py`: an experiment's runs with key params, headline statistics and best FID.
+"""Reading runs back for `jobs/runs.py`: an experiment's runs with key params, headline statistics and best FID;
+two runs compared (`--compare A B`: the params that differ, every metric's last value side by side).
 
 Which statistics a row shows is its family's `headline` (GAN: Loss/D, Loss/G; VAE: Loss/total, Loss/recon,
 Loss/kl; ...), looked up from the run's `family` param, so the table needs no change when a family is added.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gancore.errors import TrackingError
-from gancore.tracking.store import existing_client, store_errors
+from gancore.tracking.store import existing_client, get_run, store_errors
 
 ALWAYS_PARAMS = ("family", "model.arch")  # what a run is; shown for every run
 MAX_VARIED_PARAMS = 6  # params that differ between the listed runs, shown after those (more do not fit a terminal)
@@ -90,4 +91,44 @@ def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int 
         cells = [r["run_id"][:8], r["name"] or "", r["status"], *(r["params"].get(k) or "-" for k in params)]
         cells += [fmt(r["headline"].get(k)) for k in stats] + [best] + [fmt(r["sort_value"]) for _ in extra]
         table.add_row(*cells)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two runs side by side (the UI's "Compare")
+
+
+def compare_runs(run_a: str, run_b: str, uri: str | None = None) -> dict[str, Any]:
+    """What differs between two runs: {"runs": (info A, info B), "params": {key: (A, B)} for params whose values
+    differ (None: the run lacks it), "metrics": {key: (last A, last B)} for every metric either run has}."""
+    client, uri = existing_client(uri)
+    runs = [get_run(client, r, uri, f"no MLflow run {r!r} in {uri}; list runs with: python jobs/runs.py --uri {uri}")
+            for r in (run_a, run_b)]
+    pa, pb = (dict(r.data.params) for r in runs)
+    ma, mb = (dict(r.data.metrics) for r in runs)
+    params = {k: (pa.get(k), pb.get(k)) for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
+    metrics = {k: (ma.get(k), mb.get(k)) for k in sorted(ma.keys() | mb.keys())}
+    info = tuple({"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status} for r in runs)
+    return {"runs": info, "params": params, "metrics": metrics}
+
+
+def compare_table(run_a: str, run_b: str, uri: str | None = None) -> Any:
+    """A rich Table: the params that differ, then every metric's last value, for run A and run B side by side."""
+    from rich.table import Table
+
+    c = compare_runs(run_a, run_b, uri)
+    a, b = c["runs"]
+    table = Table(title=f"{a['run_id'][:8]} vs {b['run_id'][:8]}: {len(c['params'])} params differ")
+    table.add_column("")
+    for r in (a, b):
+        table.add_column(f"{r['run_id'][:8]} {r['name'] or ''}".strip(), justify="right")
+    table.add_row("status", a["status"], b["status"], end_section=True)
+    for k, (va, vb) in c["params"].items():
+        table.add_row(k, "-" if va is None else va, "-" if vb is None else vb)
+    if not c["params"]:
+        table.add_row("(params)", "same", "same")
+    table.rows[-1].end_section = True
+    fmt = lambda v: "-" if v is None else f"{v:.6g}"
+    for k, (va, vb) in c["metrics"].items():
+        table.add_row(k, fmt(va), fmt(vb))
     return table

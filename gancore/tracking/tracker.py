@@ -9,9 +9,11 @@ never blocks or ends the training, and what a run could not deliver is sent late
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -68,6 +70,12 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set (or overwrite) run tags."""
+
+    def log_generator(self, family: Any) -> None:
+        """A finished run's generator (EMA when on) as the MLflow model `generator` (gancore/tracking/models.py)."""
+
+    def log_dataset(self, data: Any, x: Any, y: Any, context: str = "train") -> None:
+        """The run's data (a DataConfig and its uint8 images/labels) as an MLflow dataset input with a content digest."""
 
     def flush(self) -> None:
         """Send what is queued."""
@@ -163,6 +171,8 @@ class MLflowTracker(Tracker):
         self._queue: deque[dict[str, Any]] = deque()  # records in the outbox, not yet delivered
         self._queued_values = 0  # metric values in _queue
         self._thread: threading.Thread | None = None
+        self._system: _SystemMetrics | None = None
+        self._deferred_model: Any = None  # the family whose generator waits for the server (log_generator)
 
     def start(self, cfg: Config, run_dir: Path, run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         """Create a run (or reopen `run_id` when resuming); log params (the run family's hyper-parameters) and tags. Returns the run id."""
@@ -229,7 +239,28 @@ class MLflowTracker(Tracker):
                        "file": self.outbox.copy_file(Path(tmp) / "config.yaml", "config.yaml")})
         self._thread = threading.Thread(target=self._deliver_loop, name="gancore-tracking", daemon=True)
         self._thread.start()
+        if cfg.track.system_metrics:
+            self._start_system_metrics()
         return self.run_id
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's system-metrics monitors, logged through the outbox like everything else (see _SystemMetrics).
+
+        A resumed run goes on after its last system step. In a multi-process run (only the main process logs) the
+        keys and the tag gancore.system_metrics_node say which node was measured: system/<node>/...
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        node = os.environ.get("MLFLOW_SYSTEM_METRICS_NODE_ID") or (
+            f"node{os.environ.get('GROUP_RANK') or os.environ.get('NODE_RANK') or os.environ.get('SLURM_NODEID', '0')}"
+            if world > 1 else None)
+        first = 1 + max((s for k, s in self._resumed_last.items() if k.startswith("system/")), default=-1)
+        try:
+            self._system = _SystemMetrics(self.log_metrics, first, node, self.run_id, self.uri)
+        except Exception as e:  # noqa: BLE001 - a machine psutil cannot read must not stop the training
+            log.warning("MLflow system metrics off: %s", one_line(e))
+            return
+        self.set_tags({"gancore.system_metrics_node": f"{node or 'node0'} ({socket.gethostname()})"})
+        self._system.start()
 
     # -- what the trainer calls: append to the outbox, queue for the sender, return
 
@@ -241,14 +272,14 @@ class MLflowTracker(Tracker):
     def _put(self, rec: dict[str, Any]) -> None:
         if self.outbox is None or self._finished:
             return
-        try:
-            self.outbox.append(rec)
-        except OSError as e:  # a full disk must not end the run either: the record is still sent from memory
-            if not self._warned_append:
-                log.warning("tracking outbox %s not writable (%s); records are kept in memory only", self.outbox.dir,
-                            one_line(e))
-                self._warned_append = True
-        with self._cv:
+        with self._cv:  # one lock for journal and queue: the system-metrics thread logs too, and line N = record N
+            try:
+                self.outbox.append(rec)
+            except OSError as e:  # a full disk must not end the run either: the record is still sent from memory
+                if not self._warned_append:
+                    log.warning("tracking outbox %s not writable (%s); records are kept in memory only",
+                                self.outbox.dir, one_line(e))
+                    self._warned_append = True
             self._enqueue(rec)
             self._cv.notify_all()
 
@@ -282,6 +313,29 @@ class MLflowTracker(Tracker):
         """Set (or overwrite) run tags in one request."""
         self._put({"kind": "params_tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_dataset(self, data: Any, x: Any, y: Any, context: str = "train") -> None:
+        """The run's data as an MLflow dataset input (the UI's Datasets column), through the outbox."""
+        self._put({"kind": "dataset", "context": context, **dataset_entry(data, x, y)})
+
+    def log_generator(self, family: Any) -> None:
+        """Log the generator as runs:/<run id>/generator (registered as track.register_model when set) once what is
+        queued is delivered; with the server away or refusing it, skip it with a one-line warning (never fails)."""
+        if self.run_id is None or self._finished:
+            return
+        from gancore.tracking.models import log_generator_model
+
+        self.flush()
+        if self._outage_since is not None:  # the outage was warned about once: log it in finish(), if it comes back
+            self._deferred_model = family
+            return
+        try:
+            log_generator_model(self.uri, self.run_id, family, family.cfg.track.register_model)
+            return
+        except Exception as e:  # noqa: BLE001 - the run's training is done and saved: never fail it here
+            why = _reason(e)
+        log.warning("generator of run %s not logged as an MLflow model (%s); its checkpoint in %s samples with: "
+                    "python jobs/generate.py %s", self.run_id, why, self.run_dir, self.run_dir)
+
     def flush(self) -> None:
         """Send what is queued and wait for it, unless the server is away (then it stays queued; training goes on)."""
         if self._thread is None:
@@ -300,6 +354,9 @@ class MLflowTracker(Tracker):
             return
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"finish status must be FINISHED, FAILED or KILLED, got {status!r}")
+        if self._system is not None:  # its last sample goes out before the status
+            self._system.stop()
+            self._system = None
         self._put({"kind": "status", "status": status})
         with self._cv:
             self._closing = True
@@ -308,13 +365,19 @@ class MLflowTracker(Tracker):
         self._thread.join()
         self._finished = True
         assert self.outbox is not None
+        family, self._deferred_model = self._deferred_model, None
         if not self._queue:
             self.outbox.remove()
+            if family is not None:  # the server is back: the generator deferred during the outage goes now
+                self._finished = False
+                self.log_generator(family)
+                self._finished = True
             return
         self.outbox.close()
         self.kept = self.outbox.dir
-        log.warning("MLflow server at %s did not come back: %s of run %s kept in %s; send them with: "
-                    "python jobs/sync.py %s", self.uri, describe(list(self._queue)), self.run_id, self.kept,
+        model = "" if family is None else " (not the generator model: jobs/generate.py samples from the run dir)"
+        log.warning("MLflow server at %s did not come back: %s of run %s%s kept in %s; send them with: "
+                    "python jobs/sync.py %s", self.uri, describe(list(self._queue)), self.run_id, model, self.kept,
                     self.run_dir)
 
     # -- the sender thread
@@ -413,6 +476,80 @@ def _reason(e: Exception) -> str:
         if cause.lower() in text.lower():
             return cause.lower()
     return text[:120]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset inputs and system metrics
+
+
+def _as_bytes(a: Any) -> memoryview:
+    a = a.numpy() if hasattr(a, "numpy") else a  # a CPU torch tensor or a numpy array
+    return memoryview(np.ascontiguousarray(a)).cast("B")
+
+
+def dataset_entry(data: Any, x: Any, y: Any) -> dict[str, Any]:
+    """{"name", "digest", "source", "profile"} of a run's data: `data` a DataConfig, x uint8 (N, C, H, W), y (N,).
+
+    The digest is the sha1 of the images and labels as trained on (after class filter, subset and resize), so two
+    runs on different data never share it; hashing is ~1 GB/s (CIFAR-10's 50k images: ~0.15 s).
+    """
+    h = hashlib.sha1(f"{tuple(x.shape)}|{tuple(y.shape)}|".encode())
+    h.update(_as_bytes(x))
+    h.update(_as_bytes(y))
+    name = f"{data.name}-{data.split}"
+    if data.normal_class >= 0:
+        name += f"-class{data.normal_class}"
+    if data.subset:
+        name += f"-first{data.subset}"
+    if data.image_size:
+        name += f"-{data.image_size}px"
+    profile = {"num_images": int(x.shape[0]), "shape": list(x.shape[1:]), "split": data.split,
+               "subset": data.subset, "normal_class": data.normal_class, "image_size": data.image_size}
+    source = data.path or f"gancore.data:{data.name}/{data.split}"
+    return {"name": name, "digest": h.hexdigest()[:32], "source": str(source), "profile": profile}
+
+
+class _SystemMetrics:
+    """MLflow's own system-metrics monitors (CPU, memory, disk, network; NVIDIA/AMD GPUs when their libraries are
+    installed) on a thread of ours: MLflow's SystemMetricsMonitor logs straight to the store and stops at the first
+    failed request, while a run's metrics must go through the outbox to survive an outage (issue #20)."""
+
+    def __init__(self, log_metrics: Any, first_step: int, node_id: str | None, run_id: str, uri: str) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # used for its monitors and settings only (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, ..._SAMPLES_BEFORE_LOGGING,
+        # ..._NODE_ID); its constructor sends nothing, and its own thread (start()) is never started. Its INFO line
+        # "Skip logging GPU metrics" on every GPU-less run would be a second stderr line beside a CLI's one-line error.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self.monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri)
+        self.prefix = "system/" + (f"{self.monitor.node_id}/" if self.monitor.node_id else "")
+        self.log_metrics, self.step = log_metrics, first_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gancore-system-metrics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and log what was sampled since the last value (short runs still get one)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        m = self.monitor
+        try:
+            while not self._stop.is_set():
+                for _ in range(m.samples_before_logging):
+                    m.collect_metrics()
+                    if self._stop.wait(m.sampling_interval):
+                        break
+                values = m.aggregate_metrics()
+                for mon in m.monitors:
+                    mon.clear_metrics()
+                self.log_metrics({self.prefix + k: v for k, v in values.items()}, self.step)
+                self.step += 1
+        except Exception as e:  # noqa: BLE001 - a sensor that fails ends the sampling, never the run
+            log.warning("MLflow system metrics stopped: %s", one_line(e))
 
 
 def make_tracker(cfg: Config, is_main: bool) -> Tracker:

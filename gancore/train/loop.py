@@ -109,6 +109,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         run.run_id = _start_tracking(tracker, cfg, run_dir, run.run_id, resume == "auto" and resume_from is None, {
             "gancore.world_size": str(accelerator.num_processes), "gancore.device": str(accelerator.device),
             "gancore.host": socket.gethostname(), **(tags or {})})
+        tracker.log_dataset(cfg.data, x_all, y_all)  # name, split, subset and content digest as an MLflow input
         if run.step == 0:  # the report's export of real images, beside the generated grids
             plots.save_grid(x_all[: cfg.train.grid_size], run_dir / "real_samples.png")
             tracker.log_artifact(run_dir / "real_samples.png")
@@ -240,6 +241,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             tracker.log_metrics(end_metrics, run.step)
         if cfg.track.log_checkpoints != "none" and last_ckpt is not None:
             tracker.log_artifact(last_ckpt, "checkpoints")
+        tracker.log_generator(family)  # runs:/<run id>/generator (gancore/tracking/models.py)
     tracker.finish("FINISHED" if status == "finished" else "KILLED")
     accelerator.wait_for_everyone()
     return RunResult(run_dir, run.run_id, run.step, total_steps, status, last_ckpt, metrics, loop_seconds,
