@@ -9,7 +9,6 @@ never blocks or ends the training, and what a run could not deliver is sent late
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ import numpy as np
 from gancore.config import Config, hyperparams, save_yaml
 from gancore.errors import TrackingError
 from gancore.tracking.outbox import Delivery, Outbox, describe, next_batch
+from gancore.tracking.system import SystemMetrics, dataset_entry
 from gancore.tracking.store import (
     check_reachable,
     existing_client,
@@ -171,7 +171,7 @@ class MLflowTracker(Tracker):
         self._queue: deque[dict[str, Any]] = deque()  # records in the outbox, not yet delivered
         self._queued_values = 0  # metric values in _queue
         self._thread: threading.Thread | None = None
-        self._system: _SystemMetrics | None = None
+        self._system: SystemMetrics | None = None
         self._deferred_model: Any = None  # the family whose generator waits for the server (log_generator)
 
     def start(self, cfg: Config, run_dir: Path, run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -244,7 +244,7 @@ class MLflowTracker(Tracker):
         return self.run_id
 
     def _start_system_metrics(self) -> None:
-        """MLflow's system-metrics monitors, logged through the outbox like everything else (see _SystemMetrics).
+        """MLflow's system-metrics monitors, logged through the outbox like everything else (see SystemMetrics).
 
         A resumed run goes on after its last system step. In a multi-process run (only the main process logs) the
         keys and the tag gancore.system_metrics_node say which node was measured: system/<node>/...
@@ -255,7 +255,7 @@ class MLflowTracker(Tracker):
             if world > 1 else None)
         first = 1 + max((s for k, s in self._resumed_last.items() if k.startswith("system/")), default=-1)
         try:
-            self._system = _SystemMetrics(self.log_metrics, first, node, self.run_id, self.uri)
+            self._system = SystemMetrics(self.log_metrics, first, node, self.run_id, self.uri)
         except Exception as e:  # noqa: BLE001 - a machine psutil cannot read must not stop the training
             log.warning("MLflow system metrics off: %s", one_line(e))
             return
@@ -476,80 +476,6 @@ def _reason(e: Exception) -> str:
         if cause.lower() in text.lower():
             return cause.lower()
     return text[:120]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dataset inputs and system metrics
-
-
-def _as_bytes(a: Any) -> memoryview:
-    a = a.numpy() if hasattr(a, "numpy") else a  # a CPU torch tensor or a numpy array
-    return memoryview(np.ascontiguousarray(a)).cast("B")
-
-
-def dataset_entry(data: Any, x: Any, y: Any) -> dict[str, Any]:
-    """{"name", "digest", "source", "profile"} of a run's data: `data` a DataConfig, x uint8 (N, C, H, W), y (N,).
-
-    The digest is the sha1 of the images and labels as trained on (after class filter, subset and resize), so two
-    runs on different data never share it; hashing is ~1 GB/s (CIFAR-10's 50k images: ~0.15 s).
-    """
-    h = hashlib.sha1(f"{tuple(x.shape)}|{tuple(y.shape)}|".encode())
-    h.update(_as_bytes(x))
-    h.update(_as_bytes(y))
-    name = f"{data.name}-{data.split}"
-    if data.normal_class >= 0:
-        name += f"-class{data.normal_class}"
-    if data.subset:
-        name += f"-first{data.subset}"
-    if data.image_size:
-        name += f"-{data.image_size}px"
-    profile = {"num_images": int(x.shape[0]), "shape": list(x.shape[1:]), "split": data.split,
-               "subset": data.subset, "normal_class": data.normal_class, "image_size": data.image_size}
-    source = data.path or f"gancore.data:{data.name}/{data.split}"
-    return {"name": name, "digest": h.hexdigest()[:32], "source": str(source), "profile": profile}
-
-
-class _SystemMetrics:
-    """MLflow's own system-metrics monitors (CPU, memory, disk, network; NVIDIA/AMD GPUs when their libraries are
-    installed) on a thread of ours: MLflow's SystemMetricsMonitor logs straight to the store and stops at the first
-    failed request, while a run's metrics must go through the outbox to survive an outage (issue #20)."""
-
-    def __init__(self, log_metrics: Any, first_step: int, node_id: str | None, run_id: str, uri: str) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        # used for its monitors and settings only (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, ..._SAMPLES_BEFORE_LOGGING,
-        # ..._NODE_ID); its constructor sends nothing, and its own thread (start()) is never started. Its INFO line
-        # "Skip logging GPU metrics" on every GPU-less run would be a second stderr line beside a CLI's one-line error.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        self.monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri)
-        self.prefix = "system/" + (f"{self.monitor.node_id}/" if self.monitor.node_id else "")
-        self.log_metrics, self.step = log_metrics, first_step
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="gancore-system-metrics", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop sampling and log what was sampled since the last value (short runs still get one)."""
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        m = self.monitor
-        try:
-            while not self._stop.is_set():
-                for _ in range(m.samples_before_logging):
-                    m.collect_metrics()
-                    if self._stop.wait(m.sampling_interval):
-                        break
-                values = m.aggregate_metrics()
-                for mon in m.monitors:
-                    mon.clear_metrics()
-                self.log_metrics({self.prefix + k: v for k, v in values.items()}, self.step)
-                self.step += 1
-        except Exception as e:  # noqa: BLE001 - a sensor that fails ends the sampling, never the run
-            log.warning("MLflow system metrics stopped: %s", one_line(e))
 
 
 def make_tracker(cfg: Config, is_main: bool) -> Tracker:
