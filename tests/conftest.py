@@ -86,6 +86,65 @@ def tiny(*overrides: str, config: str | None = "configs/quickstart.yaml"):
     return load_config(ROOT / config if config else None, [*base, *overrides])
 
 
+def state_diffs(a, b, path: str = "") -> list[str]:
+    """Paths where two nested checkpoint values differ; tensors compared exactly (dtype, shape, every bit)."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in state_diffs(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (u, v) in enumerate(zip(a, b)) for d in state_diffs(u, v, f"{path}[{i}]")]
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        same = torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [path]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args: list[str], log_dir: Path, world: int = 2, env: dict[str, str] | None = None) -> list:
+    """`python jobs/train.py ARGS` as `world` ranks of one torch.distributed job (gloo, one thread each), started
+    directly with the variables srun + slurm/train.sh give each task: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*."""
+    import subprocess
+    import sys
+
+    port, procs = str(free_port()), []
+    for rank in range(world):
+        e = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+             **(env or {})}
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=e,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_ranks(procs: list, log_dir: Path, timeout: float = 240) -> list[int]:
+    """Every rank's exit code (the logs in the assertion message when one does not end in time)."""
+    import subprocess
+
+    codes = []
+    for rank, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            logs = "\n".join((log_dir / f"rank{r}.log").read_text()[-2000:] for r in range(len(procs)))
+            raise AssertionError(f"rank {rank} still running after {timeout} s:\n{logs}")
+    return codes
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder, so runs/ and mlruns/ never land in the checkout."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, needs_mnist
+from conftest import ROOT, needs_mnist, state_diffs
 
 from gancore.config import load_config
 from gancore.errors import CheckpointError
@@ -36,27 +36,11 @@ STATE_KEYS = ("step", "networks", "optimizers", "ema", "scaler", "rng", "loader"
 TIMED = {"images_per_s"}  # metrics that measure the machine, not the run
 
 
-def _diffs(a, b, path: str = "") -> list[str]:
-    """Paths where two nested checkpoint values differ; tensors compared exactly (dtype, shape, every bit)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b), key=str)}"]
-        return [d for k in a for d in _diffs(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path}: length {len(a)} != {len(b)}"]
-        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _diffs(u, v, f"{path}[{i}]")]
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        same = torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-        return [] if same else [path]
-    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
-
-
 def _assert_same_state(final: Path, reference: Path) -> None:
     a, b = ckpt.load(final), ckpt.load(reference)
     assert a["step"] == STEPS
     for key in STATE_KEYS:
-        assert _diffs(a[key], b[key]) == [], key
+        assert state_diffs(a[key], b[key]) == [], key
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from gancore import plots
 from gancore.config import Config, save_yaml
@@ -57,7 +57,10 @@ def _accelerator(cfg: Config) -> Accelerator:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, cfg.train.mixed_precision) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(True)  # a second run in one process (tests, sweeps) with another precision
-    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # several processes without CUDA (torchrun / srun on CPUs): Accelerate picks gloo only when told `cpu=True`
+    # (`accelerate launch --cpu` says so through ACCELERATE_USE_CPU; plain torchrun and srun do not)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu)
 
 
 def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
@@ -115,10 +118,15 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             tracker.log_artifact(run_dir / "real_samples.png")
 
     def save_checkpoint(path: Path | None = None) -> Path | None:
-        """Rank 0 writes; `path` (e.g. the best-FID checkpoint) is kept outside the step rotation."""
+        """Rank 0 writes; `path` (e.g. the best-FID checkpoint) is kept outside the step rotation. A step checkpoint
+        of a multi-process run is a collective: every rank's own state is gathered to rank 0 first."""
+        ranks = None
+        if path is None and accelerator.num_processes > 1:
+            # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back (torch 2.14)
+            ranks = [ckpt.unpack(b) for b in gather_object([ckpt.pack(run.rank_state(loader))])]
         if not is_main:
             return None
-        state = run.checkpoint(cfg, family, accelerator, loader, image_shape, num_classes)
+        state = run.checkpoint(cfg, family, accelerator, loader, image_shape, num_classes, ranks)
         if path is not None:
             return ckpt.save(state, path)
         path = ckpt.save(state, ckpt.step_path(run_dir, run.step))
@@ -231,9 +239,10 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     metrics: dict[str, float] = dict(last_metrics)
     if run.best:
         metrics[f"best_{run.best['key']}"] = run.best["value"]
+    if status == "finished" and run.epoch_stats.counts:  # a run that ends mid-epoch: its last, partial epoch
+        # (every rank: the read is a collective across processes)
+        report.add_epoch(run.history, (run.step - 1) // steps_per_epoch + 1, run.epoch_stats.read(reduce))
     if is_main and status == "finished":
-        if run.epoch_stats.counts:  # a run that ends mid-epoch (or is shorter than one): its last, partial epoch
-            report.add_epoch(run.history, (run.step - 1) // steps_per_epoch + 1, run.epoch_stats.read(reduce))
         metrics.update(report.end_of_run(cfg, family, run_dir, run.history, {"x": x_all, "y": y_all},
                                          sampler_uint8(), accelerator.device, tracker))
         end_metrics = {k: v for k, v in metrics.items() if k not in last_metrics}

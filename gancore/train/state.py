@@ -2,6 +2,10 @@
 
 A checkpoint holds everything a bit-identical resume needs: networks, optimisers, grad scaler, EMA, every RNG
 state, the loader's data position, the step, the MLflow run id, the resolved config and the loss history.
+A multi-process run (DDP) writes one checkpoint (rank 0, atomically) that also holds every rank's own state
+under "ranks" (RNG states, loader position, partial epoch statistics; gathered to rank 0 first) and the number of
+processes ("world_size"): each rank restores its own entry, and a resume with another number of processes is
+refused (the per-rank noise streams and data shards would not continue).
 `RunState` builds that dict and restores from it (the training loop); `load_family` rebuilds a trained family
 for evaluation, generation and sweeps; `resolve_run_dir` decides where a run writes and what it resumes.
 
@@ -18,6 +22,7 @@ set aside as <name>.corrupt and the resume falls back to the newest earlier one 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -173,6 +178,17 @@ def set_aside(paths: list[Path]) -> None:
             p.rename(p.with_name(p.name + ".corrupt"))
 
 
+def pack(obj: Any) -> bytes:
+    """`obj` (tensors, numbers, dicts) as torch.save bytes, to send between processes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, as tensors/tuples that weights_only can read."""
     np_state = np.random.get_state()
@@ -293,12 +309,20 @@ class RunState:
     best: dict[str, Any] = field(default_factory=dict)  # {key, value, step} of the best FID so far
     epoch_stats: StatsAccumulator = field(default_factory=StatsAccumulator)
 
+    def rank_state(self, loader: Any) -> dict[str, Any]:
+        """What differs between the processes of a multi-process run: RNG states, data position, epoch sums."""
+        return {"rng": rng_state(), "loader": loader.state_dict(), "epoch_stats": self.epoch_stats.state_dict()}
+
     def checkpoint(self, cfg: Config, family: Family, accelerator: Any, loader: Any, image_shape: tuple[int, ...],
-                   num_classes: int) -> dict[str, Any]:
-        """The checkpoint dict (see the module docstring); networks unwrapped from DDP."""
+                   num_classes: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint dict (see the module docstring); networks unwrapped from DDP. `ranks`: every process's
+        rank_state (gathered to rank 0), for a multi-process run; None for one process (or the best-FID copy,
+        which is for evaluation: resuming several processes from it re-derives ranks > 0's noise)."""
         return {
             "version": FORMAT_VERSION,
             "step": self.step,
+            "world_size": accelerator.num_processes,
+            "ranks": ranks,
             "run_id": self.run_id,
             "config": to_dict(cfg),
             "image_shape": list(image_shape),
@@ -333,6 +357,12 @@ class RunState:
         if diffs:
             raise CheckpointError(f"{path} was trained with other hyper-parameters ({'; '.join(diffs)}); "
                                   "use the same config or start a new run")
+        world = int(state.get("world_size") or 1)
+        if world != accelerator.num_processes:
+            raise CheckpointError(f"{path} was written by a {world}-process run and this run has "
+                                  f"{accelerator.num_processes}; resume it with {world} process(es) "
+                                  "(e.g. accelerate launch --num_processes N) or start a new run")
+        mine = state["ranks"][accelerator.process_index] if state.get("ranks") else None
         for k, net in family.networks.items():
             accelerator.unwrap_model(net).load_state_dict(state["networks"][k])
         for k, opt in family.optimizers.items():
@@ -342,12 +372,13 @@ class RunState:
             family.ema.load_state_dict(state["ema"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
-        if accelerator.process_index > 0:  # only rank 0's RNG is saved: other ranks re-derive distinct streams
+        own = mine or state  # this rank's entry; one process (or no per-rank states): the top level
+        loader.load_state_dict(own["loader"])
+        set_rng_state(own["rng"])  # last: nothing after this may draw random numbers before the loop
+        if mine is None and accelerator.process_index > 0:  # no per-rank states (best.pt): distinct fresh streams
             torch.manual_seed(cfg.train.seed + 7919 * accelerator.process_index + 104729 * int(state["step"]))
         run = cls(int(state["step"]), state.get("run_id"), state.get("history", {}), state.get("best", {}))
-        run.epoch_stats.load_state_dict(state["epoch_stats"])
+        run.epoch_stats.load_state_dict(own["epoch_stats"])
         return run
 
 
