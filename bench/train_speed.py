@@ -101,7 +101,7 @@ def _overrides(variant: str, batch: int) -> list[str]:
     mode, *extras = variant.split("+")
     over = [f"optim.batch_size={batch}", "train.progress=false", "track.enabled=false",
             f"train.compile={'none' if mode == 'eager' else mode}", "train.log_every=100",
-            f"track.image_every={10**9}", "train.checkpoint_every=1000000", "train.snapshot_epochs=[]"]
+            f"track.image_every={10**9}", "train.checkpoint_every=1000000", "train.snapshot_epochs=[]", "eval.n_samples=0", "eval.every=0"]
     for e in extras:
         over += EXTRAS[e]
     return over

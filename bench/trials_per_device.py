@@ -35,7 +35,8 @@ def _trial(i: int, k: int, args: dict, barrier, out) -> None:
 
     over = [f"optim.batch_size={args['batch']}", "train.progress=false", "track.enabled=false",
             f"train.compile={args['mode']}", "train.log_every=100", f"track.image_every={10**9}",
-            "train.checkpoint_every=1000000", "train.snapshot_epochs=[]", f"train.seed={i}"]
+            "train.checkpoint_every=1000000", "train.snapshot_epochs=[]", f"train.seed={i}",
+            "eval.n_samples=0", "eval.every=0"]
     tmp = Path(args["tmp"])
     try:
         fit(load_config(ROOT / "configs" / "mnist_dcgan.yaml", [*over, "train.max_steps=20"]), out=tmp / f"w{k}-{i}")

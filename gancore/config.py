@@ -425,7 +425,7 @@ def check_relations(cfg: Config) -> None:
                               "pairs, e.g. [[1, 25], [26, 50]]")
     if cfg.eval.every > 0 and cfg.eval.n_samples == 0:
         raise ConfigError(f"eval.every={cfg.eval.every} evaluates nothing while eval.n_samples=0; set eval.n_samples "
-                          "(e.g. 10000) or eval.every=0")
+                          "(e.g. 10000), or eval.every=0 to turn metrics off")
     if cfg.model.conditional and cfg.model.num_classes < 2:
         raise ConfigError(f"model.conditional=true needs model.num_classes >= 2, got {cfg.model.num_classes}")
 

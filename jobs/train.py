@@ -45,8 +45,11 @@ def main() -> int:
     from gancore.train.loop import fit
 
     result = fit(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
-    if os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run: the main one reports
-        return EXIT_STOPPED if result.status == "stopped" else 0
+    if os.environ.get("RANK", "0") != "0":
+        # other ranks of a multi-process run: rank 0 reports and carries the exit code (75 after a checkpointed
+        # stop). Their 0 matters under srun --kill-on-bad-exit (slurm/train.sh): a 75 here would make srun
+        # terminate rank 0 while it finishes; srun returns the highest exit code of its tasks, so 75 still shows.
+        return 0
     if result.status == "stopped":
         print(f"stopped at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}; "
               f"continue with --out {result.run_dir} --resume auto")

@@ -82,7 +82,7 @@ def tiny(*overrides: str, config: str | None = "configs/quickstart.yaml"):
     base = ["data.subset=128", "optim.batch_size=32", "train.epochs=2", "train.log_every=1",
             "train.progress=false", "track.enabled=false", "train.snapshot_epochs=[1,2]",
             "train.loss_ranges=[[1,1],[2,2]]", "train.grid_size=16", "track.image_every=4",
-            "train.checkpoint_every=1000", "eval.n_samples=0"]  # no metrics unless a test asks (quickstart has them)
+            "train.checkpoint_every=1000", "eval.n_samples=0", "eval.every=0"]  # no metrics unless a test asks (quickstart has them)
     return load_config(ROOT / config if config else None, [*base, *overrides])
 
 

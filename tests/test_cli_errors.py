@@ -291,7 +291,7 @@ CONFIG_CASES = [
     ("train.loss_ranges=[[5,2]]", "train.loss_ranges: [5, 2] starts after it ends"),
     ("track.image_every=0", "track.image_every=0 is out of range"),
     ("eval.every=-1", "eval.every=-1 is out of range"),
-    ("eval.every=100", "eval.every=100 evaluates nothing while eval.n_samples=0"),
+    ("eval.n_samples=0", "eval.every=100 evaluates nothing while eval.n_samples=0"),  # quickstart: every 100
     ("eval.metrics=[fid,fud]", "eval.metrics=[fid, fud]: 'fud' is not one of fid, is, kid, pr"),
     ("data.subset=-5", "data.subset=-5 is out of range: must be >= 0 (0 = all images)"),
     ("data.image_size=-1", "data.image_size=-1 is out of range"),

@@ -30,7 +30,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 # 40 steps (256 images / batch 32 x 5 epochs) of a small DCGAN on 16x16 MNIST; a checkpoint every 5 steps
 TINY = ["data.subset=256", "optim.batch_size=32", "model.arch=dcgan", "data.image_size=16", "model.nz=16",
         "model.ngf=8", "model.ndf=8", "train.checkpoint_every=5", "train.log_every=1", "train.progress=false",
-        "track.image_every=10", "track.system_metrics=false"]  # system/* metrics measure the machine
+        "track.image_every=10", "track.system_metrics=false", "eval.n_samples=0", "eval.every=0"]  # system/* metrics measure the machine
 STEPS = 40
 STATE_KEYS = ("step", "networks", "optimizers", "ema", "scaler", "rng", "loader", "history", "epoch_stats", "best")
 TIMED = {"images_per_s"}  # metrics that measure the machine, not the run

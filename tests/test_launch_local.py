@@ -20,7 +20,7 @@ from gancore.train import state as ckpt
 
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 TINY = ["data.subset=64", "optim.batch_size=32", "train.epochs=1", "train.progress=false", "train.log_every=1",
-        "train.snapshot_epochs=[1]", "train.loss_ranges=[[1,1]]", "train.grid_size=16", "track.image_every=2"]  # 2 steps
+        "train.snapshot_epochs=[1]", "train.loss_ranges=[[1,1]]", "train.grid_size=16", "track.image_every=2", "eval.n_samples=0", "eval.every=0"]  # 2 steps
 SUBMIT = [sys.executable, str(ROOT / "jobs" / "submit.py")]
 
 

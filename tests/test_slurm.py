@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, needs_mnist
+from conftest import ROOT, launch_ranks, needs_mnist, state_diffs, wait_ranks
 from gancore.train import state as ckpt
 from gancore.cluster.resources import slurm_problem
 
@@ -38,7 +38,7 @@ def _slurm_is_up():
 
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 TINY = ["data.subset=128", "optim.batch_size=32", "train.progress=false", "train.snapshot_epochs=[1,2]",
-        "train.loss_ranges=[[1,1],[2,2]]", "train.grid_size=16"]  # 4 steps per epoch
+        "train.loss_ranges=[[1,1],[2,2]]", "train.grid_size=16", "eval.n_samples=0", "eval.every=0"]  # 4 steps per epoch
 SHORT = [*TINY, "train.epochs=2", "train.log_every=1", "track.image_every=4"]  # 8 steps
 # Long enough to be interrupted after its first checkpoint (step 4): 48 steps.
 LONG = [*TINY, "train.max_steps=48", "train.checkpoint_every=4", "train.log_every=4", "track.image_every=24"]
@@ -203,6 +203,21 @@ def reference(tmp_path_factory):
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def reference_2(tmp_path_factory):
+    """The uninterrupted LONG run as 2 processes (ranks started as srun starts them, outside Slurm)."""
+    root = tmp_path_factory.mktemp("reference2")
+    procs = launch_ranks(["--config", CONFIG, *LONG, "track.enabled=false", "--out", str(root / "run")], root)
+
+    def final_checkpoint() -> Path:
+        assert wait_ranks(procs, root, WAIT_S) == [0, 0], (root / "rank0.log").read_text()[-3000:]
+        return ckpt.latest(root / "run")
+
+    yield final_checkpoint
+    for p in procs:
+        p.kill()
+
+
 def check_resumed_job(jid: str, run_dir: Path, store: Path, reference_ckpt: Path) -> list[str]:
     """One requeue (sacct -D), one FINISHED MLflow run tagged with the job id, weights equal to the reference."""
     runs = runs_of(jid)
@@ -275,6 +290,28 @@ def test_preempted_sbatch_job_requeues_and_resumes_bit_identical(tmp_path, jobs,
     log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
     assert "got SIGUSR1" in log and "stopped at step" in log and "(restart 1)" in log, log
     check_resumed_job(jid, tmp_path / "victim", store, reference())
+
+
+def test_two_task_sbatch_job_preempted_resumes_bit_identical_to_two_processes(tmp_path, jobs, reference_2):
+    # sbatch --ntasks-per-node=2: two ranks (gloo) through srun and gancore.cluster.rendezvous; the preemption
+    # signal reaches both (srun forwards it), they agree on the stop step and rank 0 writes every rank's state
+    store = tmp_path / "mlruns" / "mlflow.db"
+    jid = sbatch(jobs, "-p", "debug", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=3G", "--time=20",
+                 str(ROOT / "slurm" / "train.sh"), "--config", CONFIG, *LONG, f"track.uri=sqlite:///{store}",
+                 "--out", "victim")
+    wait_for_checkpoint(tmp_path / "victim", jid)
+    urgent = preempt_while_frozen(jobs, jid)
+    assert wait_done(jid) == "COMPLETED"
+    assert wait_done(urgent) == "COMPLETED"
+    log = (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
+    assert "2 task(s)" in log and "got SIGUSR1" in log and "stopped at step" in log and "(restart 1)" in log, log
+    assert "step ended with exit code 75; requeueing" in log and "Terminated" not in log, log  # no rank killed
+    check_resumed_job(jid, tmp_path / "victim", store, reference_2())
+    final, ref = ckpt.load(ckpt.latest(tmp_path / "victim")), ckpt.load(reference_2())
+    client, (run,) = mlflow_runs(store)
+    assert run.data.tags["gancore.world_size"] == "2"
+    for key in ("world_size", "ranks", "ema", "rng", "loader", "history", "epoch_stats"):  # beyond the weights
+        assert state_diffs(final[key], ref[key]) == [], key
 
 
 def test_time_limit_warning_checkpoints_and_requeues(tmp_path, jobs, reference):

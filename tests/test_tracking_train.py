@@ -100,3 +100,29 @@ def test_unreachable_server_fails_before_writing_anything(tmp_path):
     with pytest.raises(TrackingError, match=f"cannot reach MLflow tracking server at http://127.0.0.1:{port}"):
         fit(tiny("track.enabled=true", f"track.uri=http://127.0.0.1:{port}"), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_quickstart_logs_sample_quality_by_step_and_ends_its_summary_with_it(tmp_path):
+    """`make train` as a new user runs it (the quickstart preset, its own eval settings), shortened to 200 steps:
+    domain FID/KID/IS on 1,000 samples at steps 100 and 200 in MLflow, FID falling, the summary's last lines."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    uri = _uri(tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                        "train.max_steps=200", "train.progress=false", f"track.uri={uri}", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    fid = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "fid_lenet_1k")}
+    assert sorted(fid) == [100, 200] and 0 < fid[200] < fid[100], fid  # the UI's chart: FID falls
+    for key in ("kid_lenet_1k", "is_lenet_1k"):
+        assert _steps(client, run.info.run_id, key) == [100, 200], key
+    assert 1.0 <= run.data.metrics["is_lenet_1k"] <= 10.0  # IS on 10 classes lies in [1, 10]
+    lines = r.stdout.strip().splitlines()
+    block = lines[lines.index(next(ln for ln in lines if ln.startswith("sample quality at step 200"))):]
+    assert block[1:] == [f"  {k} = {run.data.metrics[k]:.4f}" for k in
+                         ("fid_lenet_1k", "best_fid_lenet_1k", "kid_lenet_1k", "is_lenet_1k")], lines[-6:]

@@ -147,7 +147,7 @@ def test_generate_png_npz_h5(tmp_path):
 def test_train_cli_stop_and_resume(tmp_path):
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            "data.subset=64", "optim.batch_size=32", "train.epochs=2", "train.progress=false", "track.enabled=false",
-           "--out", str(tmp_path / "r")]
+           "eval.n_samples=0", "eval.every=0", "--out", str(tmp_path / "r")]
     p = subprocess.run([*cmd, "--stop-after", "1"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 75, p.stderr
     assert "continue with --out" in p.stdout
@@ -162,7 +162,7 @@ def test_train_cli_nan_loss_exits_3_with_one_line(tmp_path):
 
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
                         str(ROOT / "configs" / "quickstart.yaml"), "data.subset=64", "optim.batch_size=32",
-                        "train.epochs=2", "train.progress=false", "track.enabled=false", "optim.lr_d=1e30",
+                        "train.epochs=2", "train.progress=false", "track.enabled=false", "optim.lr_d=1e30", "eval.n_samples=0", "eval.every=0",
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=200)
     assert p.returncode == EXIT_NON_FINITE == 3, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()

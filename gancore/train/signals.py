@@ -2,15 +2,26 @@
 
 The loop checks `StopFlag.requested(step)` once per step, finishes that step, writes a checkpoint and returns
 "stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint).
+
+Who else handles these signals (checked for torch 2.14 / Accelerate 1.15): Accelerate installs no handler; the
+torchrun agent (`accelerate launch` on several processes, `torch.distributed.run`) handles SIGTERM, SIGINT,
+SIGHUP and SIGQUIT by sending the same signal to every worker (then SIGKILL after 30 s), and dies on SIGUSR1;
+NCCL 2.12-2.13 caught SIGUSR1 in its proxy thread (why submitit moved to USR2), later NCCL only when
+NCCL_PROXY_DUMP_SIGNAL asks for it. So every rank handles all three itself, a signal that reaches any one rank
+stops them all (the ranks agree every SYNC_EVERY steps), and a warning names an NCCL setting that would take one.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class StopFlag:
@@ -29,6 +40,10 @@ class StopFlag:
         self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
 
     def install(self) -> None:
+        taken = os.environ.get("NCCL_PROXY_DUMP_SIGNAL", "-1").strip()
+        if hasattr(signal, "SIGUSR1") and taken in (str(int(signal.SIGUSR1)), str(int(signal.SIGUSR2))):
+            log.warning("NCCL_PROXY_DUMP_SIGNAL=%s: NCCL takes signal %s, so it no longer stops the run with a "
+                        "checkpoint; unset it (SIGTERM still works)", taken, signal.Signals(int(taken)).name)
         if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
