@@ -95,12 +95,25 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows = [run_variant(p, args.threads_single if p == 1 else max(1, cores // p), args) for p in args.procs]
     base = rows[0]
+    # what one rank of the largest P computes, alone: 1 process, its threads, its share of the batch, no all-reduce
+    top = max(args.procs)
+    if top > 1:
+        share = argparse.Namespace(**{**vars(args), "batch": args.batch // top})
+        alone = run_variant(1, max(1, cores // top), share)
+        alone.update(label=f"1 (one rank's share: batch {share.batch})", images_per_s=None)
+        rows.append(alone)
     print(f"quickstart, global batch {args.batch}, {args.steps} steps after {WARM} warm-up, {cores} cores")
-    print(f"{'processes':>9} {'threads/proc':>12} {'ms/step':>8} {'images/s':>9} {'vs 1':>6} {'all-reduce ms/step':>19}")
+    print(f"{'processes':>36} {'threads/proc':>12} {'ms/step':>8} {'images/s':>9} {'vs 1':>6} {'all-reduce ms/step':>19}")
     for r in rows:
         comm = f"{r['comm_ms']:.1f}" if r["comm_ms"] is not None else "-"
-        print(f"{r['procs']:>9} {r['threads']:>12} {r['step_ms']:>8.1f} {r['images_per_s']:>9.0f} "
-              f"{base['step_ms'] / r['step_ms']:>5.2f}x {comm:>19}")
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
+        ratio = f"{base['step_ms'] / r['step_ms']:.2f}x" if r["images_per_s"] else "-"
+        print(f"{r.get('label', r['procs']):>36} {r['threads']:>12} {r['step_ms']:>8.1f} {ips:>9} {ratio:>6} {comm:>19}")
+    if top > 1:
+        multi = next(r for r in rows if r["procs"] == top and "label" not in r)
+        rest = multi["step_ms"] - alone["step_ms"] - multi["comm_ms"]
+        print(f"{top} processes, per step: {alone['step_ms']:.1f} ms one rank's compute + {multi['comm_ms']:.1f} ms "
+              f"all-reduce + {rest:.1f} ms other (waiting for the slower rank, DDP's hooks and buffer broadcasts)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -67,7 +67,12 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     sample = lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))  # noqa: E731
     values = evaluate(cfg, sample, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True)
     if log and run_id and cfg.track.enabled:
+        import json
+
+        from gancore.metrics import protocol, protocol_key
         from gancore.tracking import log_to_run
 
-        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri)
+        proto = protocol(cfg, extractor, n or cfg.eval.n_samples or 10000, ema=family.ema is not None)
+        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri,
+                   protocol=(protocol_key(proto), json.dumps(proto, sort_keys=True)))
     return values, run_id

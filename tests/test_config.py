@@ -150,3 +150,18 @@ def test_every_sweep_file_loads(sweep):
     from gancore.sweep import load_sweep
 
     assert load_sweep(sweep).base.eval.n_samples > 0
+
+
+def test_every_report_preset_has_its_reports_values():
+    """configs/<preset>.yaml against the settings of the report it reproduces (gancore/experiments/reports.py)."""
+    from gancore.config import to_dict
+    from gancore.experiments.reports import REPORT_SETTINGS, REPORTED
+
+    assert set(REPORTED) == set(REPORT_SETTINGS)
+    for preset, want in REPORT_SETTINGS.items():
+        flat = {f"{s}.{k}": v for s, d in to_dict(load_config(ROOT / "configs" / f"{preset}.yaml")).items()
+                if isinstance(d, dict) for k, v in d.items()}
+        wrong = {k: (flat.get(k), v) for k, v in want.items() if flat.get(k) != v}
+        assert not wrong, f"{preset}: (preset, report) {wrong}"
+    # the latent ablation is nz 50 and 200 (the report's), no longer 32 and 256
+    assert not (ROOT / "configs" / "cifar10_dcgan_nz32.yaml").exists()

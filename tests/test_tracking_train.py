@@ -122,7 +122,45 @@ def test_quickstart_logs_sample_quality_by_step_and_ends_its_summary_with_it(tmp
     for key in ("kid_lenet_1k", "is_lenet_1k"):
         assert _steps(client, run.info.run_id, key) == [100, 200], key
     assert 1.0 <= run.data.metrics["is_lenet_1k"] <= 10.0  # IS on 10 classes lies in [1, 10]
+    import hashlib
+    import json
+
+    from gancore.metrics import extractor_path
+
+    proto = json.loads(run.data.tags["gancore.protocol.lenet_1k"])  # how those numbers were measured
+    sha = hashlib.sha256(extractor_path("lenet_mnist").read_bytes()).hexdigest()
+    assert proto == {"extractor": "lenet_mnist", "weights_sha256": sha, "generated": 1000, "reference": "mnist train",
+                     "reference_count": 1000, "resize": "none: the extractor takes (1, 28, 28)", "kid_pr_count": 1000,
+                     "torch_fidelity": proto["torch_fidelity"], "ema": False}
     lines = r.stdout.strip().splitlines()
     block = lines[lines.index(next(ln for ln in lines if ln.startswith("sample quality at step 200"))):]
     assert block[1:] == [f"  {k} = {run.data.metrics[k]:.4f}" for k in
                          ("fid_lenet_1k", "best_fid_lenet_1k", "kid_lenet_1k", "is_lenet_1k")], lines[-6:]
+
+
+def test_a_metric_of_another_protocol_is_refused_and_never_shares_a_row(tmp_path):
+    """log_to_run refuses numbers measured under another protocol for a key the run already has; --compare splits
+    such a key into one row per protocol."""
+    import json
+
+    from gancore.errors import TrackingError
+    from gancore.tracking import log_to_run
+    from gancore.tracking.runs import compare_runs
+
+    uri = _uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("protocols")
+    proto = {"extractor": "lenet_mnist", "generated": 10000, "reference": "mnist train", "weights_sha256": "aa"}
+    key = "gancore.protocol.lenet_10k"
+    runs = []
+    for sha in ("aa", "bb"):
+        run = client.create_run(exp).info.run_id
+        log_to_run(run, {"fid_lenet_10k": 5.0}, 100, uri, protocol=(key, json.dumps({**proto, "weights_sha256": sha})))
+        runs.append(run)
+    assert json.loads(client.get_run(runs[1]).data.tags[key])["weights_sha256"] == "bb"
+    with pytest.raises(TrackingError, match="another protocol .*weights_sha256 'bb' -> 'aa'"):
+        log_to_run(runs[1], {"fid_lenet_10k": 1.0}, 200, uri, protocol=(key, json.dumps(proto)))
+    assert _steps(client, runs[1], "fid_lenet_10k") == [100]  # nothing logged
+    log_to_run(runs[0], {"fid_lenet_10k": 4.0}, 200, uri, protocol=(key, json.dumps(proto)))  # same protocol: fine
+    rows = compare_runs(runs[0], runs[1], uri)["metrics"]
+    assert rows == {"fid_lenet_10k (A's protocol)": (4.0, None), "fid_lenet_10k (B's protocol)": (None, 5.0)}

@@ -1,6 +1,7 @@
 """Sample-quality metrics (FID, IS, KID, precision/recall through torch-fidelity), feature extractors, figures.
 
     evaluate(cfg, sample_uint8, device)        -> {"fid_lenet_10k": ..., "kid_lenet_10k": ..., ...}
+    protocol(cfg, ema=...)                     -> how those numbers are measured (stored beside them)
     train_classifier("lenet_mnist")            -> a domain extractor in $GANCORE_CACHE/extractors/
     tsne_plot(...), class_accuracy(...)        -> PNG figures (+ per-class accuracies)
 
@@ -21,6 +22,8 @@ from gancore.metrics.fidelity import (
     evaluate,
     frechet_distance,
     metric_key,
+    protocol,
+    protocol_key,
     real_statistics,
     statistics,
 )
@@ -28,6 +31,6 @@ from gancore.metrics.figures import class_accuracy, tsne_figure, tsne_plot
 
 __all__ = [
     "ALL_METRICS", "DOMAIN", "FOR_DATASET", "class_accuracy", "count_tag", "default_inception_path", "evaluate",
-    "extractor_path", "frechet_distance", "metric_key", "real_statistics", "resolve", "statistics",
+    "extractor_path", "frechet_distance", "metric_key", "protocol", "protocol_key", "real_statistics", "resolve", "statistics",
     "train_classifier", "tsne_figure", "tsne_plot",
 ]

@@ -22,7 +22,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from gancore.config import Config
 from gancore.errors import MetricsError
-from gancore.metrics.classifier import DOMAIN, FOR_DATASET, domain_spec, ensure_classifier, load_classifier, prepare
+from gancore.metrics.classifier import (DOMAIN, FOR_DATASET, domain_spec, ensure_classifier, extractor_path,
+                                       load_classifier, prepare)
 
 INCEPTION = "inception"  # gancore's name; torch-fidelity's is below
 TF_INCEPTION = "inception-v3-compat"
@@ -130,19 +131,29 @@ def _download_inception() -> FeatureExtractorBase:
 
 
 _LOADED: dict[tuple, tuple[FeatureExtractorBase, str]] = {}  # (name, file, mtime, device) -> (extractor, id)
-_FILE_SHA1: dict[tuple, str] = {}
+_DIGESTS: dict[tuple, str] = {}
 
 
-def _file_sha1(p: Path) -> str:
+def file_digest(p: Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a weights file, cached per process by path, size, mtime and algorithm (sha1: the extractor's
+    id in cache keys; sha256: a metric's protocol)."""
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA1:
-        h = hashlib.sha1()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, algorithm)
+    if key not in _DIGESTS:
+        h = hashlib.new(algorithm)
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _FILE_SHA1[key] = h.hexdigest()
-    return _FILE_SHA1[key]
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def weights_file(name: str, cfg: Config) -> Path | None:
+    """The weights file extractor `name` loads (None: Inception from torch-fidelity's download, not yet on disk)."""
+    if name == INCEPTION:
+        return inception_weights(cfg.eval.inception_weights) or (
+            default_inception_path() if default_inception_path().is_file() else None)
+    return extractor_path(name)
 
 
 def load(name: str, cfg: Config, device: torch.device | str) -> tuple[FeatureExtractorBase, str]:
@@ -177,7 +188,7 @@ def load(name: str, cfg: Config, device: torch.device | str) -> tuple[FeatureExt
         else:
             fe = create_feature_extractor(name, ["features", "logits"], cuda=False, verbose=False,
                                           feature_extractor_weights_path=str(path))
-        _LOADED[key] = (fe.to(device), f"{name}:{_file_sha1(path)}")
+        _LOADED[key] = (fe.to(device), f"{name}:{file_digest(path)}")
     return _LOADED[key]
 
 

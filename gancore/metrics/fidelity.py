@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,36 @@ def _pr(gen: torch.Tensor, real: dict, **_) -> dict[str, float]:
 # nothing is dispatched by a name from a config, and an unknown name is a MetricsError (exit code 2) raised below.
 METRIC_FNS: dict[str, Callable[..., dict[str, float]]] = {"fid": _fid, "is": _is, "kid": _kid, "pr": _pr}
 ALL_METRICS = tuple(METRIC_FNS)  # ("fid", "is", "kid", "pr")
+
+
+def protocol(cfg: Config, extractor: str | None = None, n: int | None = None, ema: bool = False) -> dict[str, Any]:
+    """How a sample-quality number is measured, to store beside it (issue #17): the numbers of two runs belong in one
+    column only when these agree. Keyed in MLflow as tag `gancore.protocol.<extractor tag>_<count>` (the suffix of
+    its metric keys, e.g. fid_lenet_10k -> gancore.protocol.lenet_10k)."""
+    import torch_fidelity
+
+    n = cfg.eval.n_samples if n is None else int(n)
+    x_real = real_images(cfg, n)
+    name = extractors.resolve(cfg, extractor, channels=x_real.shape[1])
+    weights = extractors.weights_file(name, cfg)
+    return {
+        "extractor": name,
+        "weights_sha256": extractors.file_digest(weights, "sha256") if weights is not None else "torch-fidelity download",
+        "generated": n,
+        "reference": f"{cfg.data.name} {real_split(cfg)}" + (f" class {cfg.data.normal_class}"
+                                                               if cfg.data.normal_class >= 0 else ""),
+        "reference_count": len(x_real),
+        "resize": ("bilinear to 299x299 inside Inception (torch-fidelity), grey repeated to 3 channels"
+                   if name == extractors.INCEPTION else f"none: the extractor takes {tuple(x_real.shape[1:])}"),
+        "kid_pr_count": min(n, PAIRWISE_MAX),
+        "torch_fidelity": torch_fidelity.__version__,
+        "ema": bool(ema),
+    }
+
+
+def protocol_key(proto: dict[str, Any]) -> str:
+    """The MLflow tag that holds `proto`: gancore.protocol.<extractor tag>_<count> (fid_lenet_10k -> lenet_10k)."""
+    return f"gancore.protocol.{metric_key('fid', proto['extractor'], proto['generated'])[len('fid_'):]}"
 
 
 def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,

@@ -23,6 +23,18 @@ def _headline(family: str | None) -> tuple[str, ...]:
     return FAMILIES[family].headline if family and family in FAMILIES else ()
 
 
+def protocol_of(run: Any, metric: str) -> str | None:
+    """The protocol tag (JSON) of a sample-quality metric of `run` (fid_lenet_10k -> gancore.protocol.lenet_10k)."""
+    kind, _, rest = metric.removeprefix("best_").partition("_")
+    return run.data.tags.get(f"gancore.protocol.{rest}") if rest else None
+
+
+def same_protocol(a: Any, b: Any, metric: str) -> bool:
+    """Whether two runs' values of `metric` may share a column (runs without a stamp, older ones, are not split)."""
+    pa, pb = protocol_of(a, metric), protocol_of(b, metric)
+    return pa is None or pb is None or pa == pb
+
+
 def _best_fid(client: Any, run: Any) -> tuple[str, float] | None:
     """(key, value) of the lowest value any fid_* metric of the run reached, or None without one."""
     best = None
@@ -57,7 +69,8 @@ def list_runs(experiment: str = "gancore", sort: str | None = None, limit: int =
                 "status": run.info.status,
                 "params": dict(run.data.params),
                 "headline": {k: run.data.metrics.get(k) for k in _headline(run.data.params.get("family"))},
-                "best_fid": _best_fid(client, run),
+                "best_fid": (best := _best_fid(client, run)),
+                "protocol": protocol_of(run, best[0]) if best else None,
                 "sort_value": run.data.metrics.get(sort.lstrip("-")) if sort else None,
             }
             for run in runs
@@ -86,8 +99,16 @@ def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int 
         table.add_column(col)
     for col in (*stats, "best fid_*", *extra):
         table.add_column(col, justify="right")
+    # the best-FID cells name their key; where one key was measured under several protocols, each gets a marker
+    protocols: dict[str, list[str]] = {}
+    for r in rows:
+        if r["best_fid"] and r["protocol"]:
+            seen = protocols.setdefault(r["best_fid"][0], [])
+            seen.extend([r["protocol"]] if r["protocol"] not in seen else [])
     for r in rows:
         best = f"{r['best_fid'][1]:.4g} ({r['best_fid'][0]})" if r["best_fid"] else "-"
+        if r["best_fid"] and len(protocols.get(r["best_fid"][0], [])) > 1:
+            best += f" [protocol {protocols[r['best_fid'][0]].index(r['protocol']) + 1}]"
         cells = [r["run_id"][:8], r["name"] or "", r["status"], *(r["params"].get(k) or "-" for k in params)]
         cells += [fmt(r["headline"].get(k)) for k in stats] + [best] + [fmt(r["sort_value"]) for _ in extra]
         table.add_row(*cells)
@@ -107,7 +128,12 @@ def compare_runs(run_a: str, run_b: str, uri: str | None = None) -> dict[str, An
     pa, pb = (dict(r.data.params) for r in runs)
     ma, mb = (dict(r.data.metrics) for r in runs)
     params = {k: (pa.get(k), pb.get(k)) for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
-    metrics = {k: (ma.get(k), mb.get(k)) for k in sorted(ma.keys() | mb.keys())}
+    metrics = {}
+    for k in sorted(ma.keys() | mb.keys()):
+        if same_protocol(runs[0], runs[1], k):
+            metrics[k] = (ma.get(k), mb.get(k))
+        else:  # measured differently: never one row (gancore.metrics.protocol)
+            metrics[f"{k} (A's protocol)"], metrics[f"{k} (B's protocol)"] = (ma.get(k), None), (None, mb.get(k))
     info = tuple({"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status} for r in runs)
     return {"runs": info, "params": params, "metrics": metrics}
 

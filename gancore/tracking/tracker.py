@@ -485,14 +485,26 @@ def make_tracker(cfg: Config, is_main: bool) -> Tracker:
     return MLflowTracker(cfg.track.uri, cfg.track.experiment)
 
 
-def log_to_run(run_id: str, metrics: dict[str, float], step: int, uri: str | None = None) -> None:
+def log_to_run(run_id: str, metrics: dict[str, float], step: int, uri: str | None = None,
+               protocol: tuple[str, str] | None = None) -> None:
     """Log `metrics` at `step` into the existing run `run_id` (e.g. a later evaluation), leaving its status as it is.
 
-    As on resume, a key already logged at `step` or later is not logged again.
+    As on resume, a key already logged at `step` or later is not logged again. `protocol`: (tag key, JSON) of how the
+    metrics were measured (gancore.metrics.protocol); a run whose metrics of that name were measured otherwise (another
+    extractor file, reference set, ...) is refused before anything is logged, so one key never mixes two protocols.
     """
+    import json
+
     client, uri = existing_client(uri)
     run = get_run(client, run_id, uri)
+    if protocol is not None and protocol[0] in run.data.tags and run.data.tags[protocol[0]] != protocol[1]:
+        old, new = json.loads(run.data.tags[protocol[0]]), json.loads(protocol[1])
+        differ = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+        raise TrackingError(f"run {run_id} holds {protocol[0].rsplit('.', 1)[-1]} metrics measured under another "
+                            f"protocol ({differ}); evaluate with the same settings or do not log (--no-log)")
     with store_errors(uri):
         batch = _new_metrics(metrics, step, _metric_steps(client, run))
         if batch:
             client.log_batch(run_id, metrics=batch)
+        if protocol is not None and batch:
+            client.set_tag(run_id, *protocol)

@@ -13,6 +13,7 @@ step); everything around the step is unchanged.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import time
@@ -141,11 +142,17 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         g = torch.Generator().manual_seed(cfg.train.seed + 777)
         return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
 
+    stamped: list[dict] = []
+
     def evaluate_metrics() -> dict[str, float]:
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
-        from gancore.metrics import evaluate
+        from gancore.metrics import evaluate, protocol, protocol_key
 
         values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
+        if values and not stamped:  # the protocol beside the numbers, once per run (gancore.metrics.protocol)
+            proto = protocol(cfg, ema=family.ema is not None)
+            tracker.set_tags({protocol_key(proto): json.dumps(proto, sort_keys=True)})
+            stamped.append(proto)
         fid = sorted(k for k in values if k.startswith("fid_"))
         if fid and values[fid[0]] < run.best.get("value", float("inf")):
             run.best.update(key=fid[0], value=values[fid[0]], step=run.step)
