@@ -39,6 +39,16 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 clean-runs:  ## delete local runs and the MLflow store (asks first)
 	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true
 
+# `make reproduce SUITE=mnist|cifar10|families|all`: every experiment of the suite trained (or reused) and evaluated
+# under one protocol -> results/<suite>.md/.csv/_fid.png; run again to continue. REPRO_ARGS="--epochs 3" is the
+# reduced budget, "--dry-run" the plan and its estimated time, "--protocol inception" the Inception FID.
+SUITE ?= mnist
+REPRO_ARGS ?=
+.PHONY: reproduce
+
+reproduce: $(STAMP)  ## reproduce a suite of reference experiments (SUITE=mnist REPRO_ARGS="--epochs 3")
+	$(PY) jobs/reproduce.py $(SUITE) $(REPRO_ARGS)
+
 # `make sweep`: the Optuna study of sweeps/mnist_dcgan.yaml on local worker processes (sized for a GPU; the sweep
 # file's `workers: auto` = the measured best trials per GPU, bench/trials_per_device.py; WORKERS=n overrides);
 # `make sweep SMOKE=1`: the same search on a tiny budget, minutes on a 2-core CPU. Run again: the study continues.

@@ -1,0 +1,225 @@
+"""`make reproduce SUITE=...`: train every experiment of a suite (or reuse its finished run), evaluate all of them
+under one named protocol, and write results/<suite>.md, .csv and a FID-vs-step figure (issue #17).
+
+Each experiment is an ordinary training run (gancore.train) in `<runs>/<preset>-<config digest>`, so the same
+resolved config always lands in the same run dir: a rerun reuses a finished run (its MLflow run is FINISHED and
+its last checkpoint is the last step) and continues an interrupted one (`--resume auto`, the same MLflow run).
+The protocol is part of the config (eval.extractor, eval.n_samples, eval.every: every epoch), so every number of
+one table is measured the same way; the table names the protocol, and `gancore.metrics.protocol` is stamped on
+each run. The reports' numbers (gancore/experiments/reports.py) were measured with Inception: they sit in their
+own columns, never in gancore's.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gancore.config import Config, load_config, replace, to_dict
+from gancore.errors import ConfigError
+from gancore.experiments.reports import REPORTED
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITES: dict[str, tuple[str, ...]] = {
+    "mnist": ("mnist_dcgan", "mnist_dcgan_plus"),
+    "cifar10": ("cifar10_dcgan", "cifar10_dcgan_nz50", "cifar10_dcgan_nz200", "cifar10_dcgan_bn_g",
+                "cifar10_dcgan_bn_d", "cifar10_dcgan_smooth", "cifar10_dcgan_tanh", "cifar10_dcgan_lrelu",
+                "cifar10_cgan", "cifar10_wgan_gp"),
+    "families": ("mnist_mlp_gan", "mnist_vae", "mnist_ddpm_tiny"),
+}
+SUITES["all"] = tuple(dict.fromkeys(p for s in ("mnist", "cifar10", "families") for p in SUITES[s]))
+# protocol name -> the extractor per dataset ("domain": the dataset's classifier; "inception": the FID Inception)
+PROTOCOLS = ("domain", "inception")
+COLUMNS = ["experiment", "report_fid", "report_is", "fid_best", "fid_best_step", "fid_last", "is_last", "kid_last",
+           "protocol", "steps", "wall_min", "device", "run_id"]
+
+
+@dataclass
+class Plan:
+    preset: str
+    cfg: Config
+    run_dir: Path
+    steps: int
+
+
+def _digest(cfg: Config) -> str:
+    """The resolved config minus where it is written and how it is shown: same digest, same experiment."""
+    d = to_dict(cfg)
+    d["track"] = {k: v for k, v in d["track"].items() if k not in ("uri", "experiment")}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "progress"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samples: int = 10000,
+         overrides: tuple[str, ...] = (), runs_root: Path = Path("runs/reproduce")) -> list[Plan]:
+    """The experiments of `suite`, each resolved with the protocol's eval settings (and `epochs`, the reduced-budget
+    flag); `overrides` go last (tests shrink the runs with them)."""
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    out = []
+    for preset in SUITES[suite]:
+        path = ROOT / "configs" / f"{preset}.yaml"
+        base = load_config(path, list(overrides))
+        per_epoch = steps_per_epoch(base)
+        extractor = "inception" if protocol == "inception" else {"mnist": "lenet_mnist"}.get(base.data.name,
+                                                                                             "cifar_classifier")
+        over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={per_epoch}",
+                "eval.metrics=[fid,kid,is]", f"name={preset}"]
+        if epochs is not None:
+            over.append(f"train.epochs={epochs}")
+        cfg = load_config(path, [*over, *overrides])
+        steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+        out.append(Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps))
+    return out
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    """Training steps per epoch, as the loop counts them: whole batches, over the real batches one step draws."""
+    from gancore.data import load_images
+    from gancore.train.state import build_family
+
+    x, y = load_images(cfg.data)
+    classes = max(int(y.max()) + 1, cfg.model.num_classes) if len(y) else cfg.model.num_classes
+    draws = build_family(cfg, tuple(x.shape[1:]), classes).draws_per_step()
+    return max(1, (len(x) // cfg.optim.batch_size) // draws)
+
+
+def finished_run(p: Plan) -> str | None:
+    """The MLflow run id of `p`'s run dir when it is complete (FINISHED, last checkpoint at the last step)."""
+    from gancore.train import state as ckpt
+
+    last = ckpt.latest(p.run_dir)
+    rec = p.run_dir / ckpt.TRACKING_RUN
+    if last is None or int(last.name[5:13]) != p.steps or not rec.is_file():
+        return None
+    run_id = json.loads(rec.read_text())["run_id"]
+    from gancore.tracking.store import existing_client
+
+    client, _ = existing_client(p.cfg.track.uri)
+    return run_id if client.get_run(run_id).info.status == "FINISHED" else None
+
+
+def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str,
+              progress: Any = print) -> tuple[list[dict[str, Any]], bool]:
+    """Train (or reuse) every planned experiment, then write the tables; returns (rows, complete)."""
+    from gancore.train.loop import fit
+
+    complete = True
+    for i, p in enumerate(plans, 1):
+        run_id = finished_run(p)
+        if run_id:
+            progress(f"[{i}/{len(plans)}] {p.preset}: finished run {run_id} reused ({p.run_dir})")
+            continue
+        progress(f"[{i}/{len(plans)}] {p.preset}: training {p.steps} steps in {p.run_dir}")
+        r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.reproduce": suite})
+        if r.status != "finished":
+            complete = False
+            break
+    rows = [table_row(p, protocol) for p in plans if finished_run(p)]
+    write_tables(rows, Path(out), suite, protocol, plans)
+    return rows, complete
+
+
+def table_row(p: Plan, protocol: str) -> dict[str, Any]:
+    """One results row, read back from the experiment's MLflow run."""
+    from gancore.tracking.store import existing_client
+
+    run_id = finished_run(p)
+    client, _ = existing_client(p.cfg.track.uri)
+    run = client.get_run(run_id)
+    fid_key = next((k for k in run.data.metrics if k.startswith("fid_")), None)
+    hist = sorted(client.get_metric_history(run_id, fid_key), key=lambda m: m.step) if fid_key else []
+    best = min(hist, key=lambda m: m.value) if hist else None
+    suffix = fid_key[len("fid_"):] if fid_key else ""
+    rep = REPORTED.get(p.preset)
+    metric = lambda k: run.data.metrics.get(k)  # noqa: E731
+    return {
+        "experiment": p.preset, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
+        "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
+        "fid_last": hist[-1].value if hist else None, "is_last": metric(f"is_{suffix}"),
+        "kid_last": next((v for k, v in run.data.metrics.items() if k.startswith("kid_")), None),
+        "protocol": f"{protocol}: {fid_key}" if fid_key else protocol, "steps": p.steps,
+        "wall_min": (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None,
+        "device": run.data.tags.get("gancore.device", "?"), "run_id": run_id,
+        "history": [(m.step, m.value) for m in hist],
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: str, plans: list[Plan]) -> None:
+    """results/<suite>.csv, .md and _fid.png (atomic writes); open rows are listed as such."""
+    from gancore.io import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {r["experiment"] for r in rows}
+    atomic_write(out / f"{suite}.csv", _csv(rows))
+    lines = [f"# Results: {suite} suite (`make reproduce SUITE={suite}`)", "",
+             f"Protocol of gancore's columns: **{protocol}** ({rows[0]['protocol'] if rows else 'none measured'}; "
+             "each run's MLflow tag `gancore.protocol.*` holds the extractor's weights sha256, the counts and the "
+             "reference split). The report columns are the reports' Inception FID/IS, a different protocol: "
+             "compare within a column, not across.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += [f"| {p.preset} | " + " | ".join(["open"] * (len(COLUMNS) - 1)) + " |" for p in plans
+              if p.preset not in done]
+    atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
+    if rows:
+        _figure(rows, out / f"{suite}_fid.png", protocol)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _figure(rows: list[dict[str, Any]], path: Path, protocol: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["history"]:
+            steps, values = zip(*r["history"])
+            ax.plot(steps, values, marker="o", label=r["experiment"])
+    ax.set_xlabel("step")
+    ax.set_ylabel(rows[0]["protocol"].split(": ")[-1])
+    ax.set_yscale("log")
+    ax.set_title(f"FID vs step ({protocol} protocol)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def estimate_seconds(p: Plan, probe_steps: int = 6) -> float:
+    """Training time of `p` on this device from a short probe run (tracking and metrics off): s/step x steps."""
+    import tempfile
+
+    from gancore.train.loop import fit
+
+    probe = replace(p.cfg, **{"train.max_steps": probe_steps, "track.enabled": False, "eval.n_samples": 0,
+                              "eval.every": 0, "train.progress": False, "train.checkpoint_every": 10**9,
+                              "track.image_every": 10**9})
+    with tempfile.TemporaryDirectory() as d:
+        r = fit(probe, out=Path(d) / "probe")
+    return r.loop_seconds / max(1, r.steps_run) * p.steps

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Reproduce a suite of reference experiments: `python jobs/reproduce.py mnist|cifar10|families|all [--epochs N]`.
+
+Trains every experiment of the suite (or reuses its finished run), evaluates all of them under one protocol
+(`--protocol domain`: the dataset's own classifier, fast on a CPU; `inception`: the FID Inception), and writes
+results/<suite>.md, results/<suite>.csv and results/<suite>_fid.png (FID vs step). Interrupt it and run the same
+command again: it continues. `--epochs N` is the reduced budget (every experiment trains N epochs);
+`--dry-run` prints the plan and its estimated training time on this device. `make reproduce SUITE=mnist`.
+Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal (rerun to continue).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _cli import Parser, out_dir, positive_int, quiet_third_party, run
+
+from gancore.errors import EXIT_STOPPED
+
+
+def main() -> int:
+    from gancore.experiments.reproduce import PROTOCOLS, SUITES
+
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("suite", choices=list(SUITES), help="which experiments")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="domain", help="the extractor every number is measured with")
+    ap.add_argument("--epochs", type=positive_int, help="reduced budget: train every experiment this many epochs")
+    ap.add_argument("--n-samples", type=positive_int, default=10000, help="generated images per evaluation (10000)")
+    ap.add_argument("--out", type=out_dir, default=Path("results"), help="where the tables go (results/)")
+    ap.add_argument("--runs", type=out_dir, default=Path("runs/reproduce"), help="where the runs go (runs/reproduce/)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides for every experiment")
+    args = ap.parse_intermixed_args()  # overrides may follow the options
+    quiet_third_party()
+    from gancore.experiments import reproduce as rp
+
+    plans = rp.plan(args.suite, args.protocol, args.epochs, args.n_samples, tuple(args.overrides), args.runs)
+    if args.dry_run:
+        total = 0.0
+        for p in plans:
+            state = "reuse" if rp.finished_run(p) else "train"
+            secs = 0.0 if state == "reuse" else rp.estimate_seconds(p)
+            total += secs
+            print(f"{p.preset:24s} {state:5s} {p.steps:>7d} steps  ~{secs / 60:7.1f} min  {p.run_dir}")
+        print(f"estimated training time on this device: {total / 3600:.1f} h (evaluations come on top)")
+        return 0
+    rows, complete = rp.reproduce(plans, args.out, args.suite, args.protocol)
+    print(f"{len(rows)}/{len(plans)} experiments in {Path(args.out) / (args.suite + '.md')}")
+    return 0 if complete else EXIT_STOPPED
+
+
+if __name__ == "__main__":
+    run(main)

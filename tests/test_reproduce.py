@@ -1,0 +1,103 @@
+"""`make reproduce`: the suite's tables read back from MLflow, finished runs reused, an interrupted suite continued."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, needs_mnist
+
+from gancore.experiments import reproduce as rp
+from gancore.train import state as ckpt
+
+pytestmark = needs_mnist
+
+# the mnist suite's two presets, shrunk: 256 images, batch 32 -> 8 steps per epoch, a small DCGAN on 16x16
+SMALL = ["data.subset=256", "optim.batch_size=32", "model.arch=dcgan", "data.image_size=16", "model.nz=16",
+         "model.ngf=8", "model.ndf=8", "train.progress=false", "train.checkpoint_every=4", "train.log_every=4",
+         "track.image_every=8", "track.system_metrics=false", "train.snapshot_epochs=[1]", "train.loss_ranges=[[1,2]]"]
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _all_runs(client):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_tables_are_read_back_from_mlflow_and_finished_runs_are_reused(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    plans = rp.plan("mnist", "domain", epochs=2, n_samples=200, overrides=(*SMALL, f"track.uri={uri}"),
+                    runs_root=tmp_path / "runs")
+    assert [p.preset for p in plans] == ["mnist_dcgan", "mnist_dcgan_plus"] and [p.steps for p in plans] == [16, 16]
+    assert all(p.cfg.eval.every == 8 and p.cfg.eval.extractor == "lenet_mnist" for p in plans)
+    rows, complete = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None)
+    assert complete and [r["experiment"] for r in rows] == ["mnist_dcgan", "mnist_dcgan_plus"]
+
+    client = _client(uri)
+    with open(tmp_path / "results" / "mnist.csv") as f:
+        table = list(csv.DictReader(f))
+    for row, p in zip(table, plans):
+        run = client.get_run(row["run_id"])
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], "fid_lenet_200"))
+        assert [s for s, _ in hist] == [8, 16]  # every epoch
+        best = min(hist, key=lambda sv: sv[1])
+        assert float(row["fid_best"]) == pytest.approx(best[1]) and int(row["fid_best_step"]) == best[0]
+        assert float(row["fid_last"]) == pytest.approx(hist[-1][1])
+        assert float(row["is_last"]) == pytest.approx(run.data.metrics["is_lenet_200"])
+        assert row["protocol"] == "domain: fid_lenet_200" and row["steps"] == "16"
+        assert "gancore.protocol.lenet_200" in run.data.tags and run.data.tags["gancore.reproduce"] == "mnist"
+    assert float(table[0]["report_fid"]) == 40.65 and table[1]["report_fid"] == ""  # the report's own column
+    md = (tmp_path / "results" / "mnist.md").read_text()
+    assert "Protocol of gancore's columns: **domain**" in md and table[0]["run_id"] in md
+    assert (tmp_path / "results" / "mnist_fid.png").stat().st_size > 5000
+
+    # run again: nothing is trained, no MLflow run is added, the same rows come back
+    import gancore.train.loop
+
+    monkeypatch.setattr(gancore.train.loop, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    rows2, complete2 = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None)
+    assert complete2 and [r["run_id"] for r in rows2] == [r["run_id"] for r in rows]
+    assert len(_all_runs(client)) == 2
+
+
+def test_an_interrupted_suite_continues_where_it_stopped(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    cmd = [sys.executable, str(ROOT / "jobs" / "reproduce.py"), "mnist", "--epochs", "3", "--n-samples", "200",
+           "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), *SMALL, f"track.uri={uri}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, timeout=240, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count(" train ") == 2 and "24 steps" in dry.stdout and "estimated training time" in dry.stdout
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    plans = rp.plan("mnist", "domain", 3, 200, (*SMALL, f"track.uri={uri}"), tmp_path / "runs")
+    deadline = time.monotonic() + 240
+    while ckpt.latest(plans[0].run_dir) is None:  # the first experiment is under way
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == 75, (tmp_path / "first.log").read_text()[-3000:]
+    assert rp.finished_run(plans[0]) is None and not rp.finished_run(plans[1])
+    first_run = ckpt.load(ckpt.latest(plans[0].run_dir))["run_id"]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2/2 experiments" in again.stdout
+    client = _client(uri)
+    runs = _all_runs(client)
+    assert len(runs) == 2 and first_run in {r.info.run_id for r in runs}  # continued in the same MLflow run
+    assert all(r.info.status == "FINISHED" for r in runs)
+    with open(tmp_path / "results" / "mnist.csv") as f:
+        assert [r["experiment"] for r in csv.DictReader(f)] == ["mnist_dcgan", "mnist_dcgan_plus"]
