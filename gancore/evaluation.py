@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +52,14 @@ def resolve_target(target: str, uri: str | None = None) -> tuple[Path, str | Non
     raise CheckpointError(f"{target!r} is neither a checkpoint file, a run directory nor an MLflow run id")
 
 
+def chunk_sampler(family: Any, seed: int) -> Callable[[int], Callable[[int], torch.Tensor]]:
+    """i -> the sampler of chunk i of an evaluation: its own generator, seeded from (seed, i)."""
+    def sampler(i: int) -> Callable[[int], torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
+    return sampler
+
+
 def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None = None, device: str | None = None,
                         log: bool = True, uri: str | None = None, seed: int = 0) -> tuple[dict[str, float], str | None]:
     """FID/IS/KID/PR of a trained generator; logged into its MLflow run (at the checkpoint's step) when known."""
@@ -63,9 +73,13 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     dev = torch_device(device or "auto")
     family, cfg, state = load_family(path, dev)
     run_id = run_id or state.get("run_id")
-    g = torch.Generator().manual_seed(seed)
-    sample = lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))  # noqa: E731
-    values = evaluate(cfg, sample, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True)
+    # features cached per chunk, keyed by the checkpoint's content and the seed: an interrupted run continues
+    from gancore.io import cache_dir
+    from gancore.metrics.extractors import file_digest
+
+    folder = cache_dir() / "eval_features" / f"{file_digest(path)[:16]}-seed{seed}"
+    values = evaluate(cfg, None, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True,
+                      resumable=(chunk_sampler(family, seed), folder))
     if log and run_id and cfg.track.enabled:
         import json
 

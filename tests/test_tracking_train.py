@@ -164,3 +164,42 @@ def test_a_metric_of_another_protocol_is_refused_and_never_shares_a_row(tmp_path
     log_to_run(runs[0], {"fid_lenet_10k": 4.0}, 200, uri, protocol=(key, json.dumps(proto)))  # same protocol: fine
     rows = compare_runs(runs[0], runs[1], uri)["metrics"]
     assert rows == {"fid_lenet_10k (A's protocol)": (4.0, None), "fid_lenet_10k (B's protocol)": (None, 5.0)}
+
+
+def test_an_interrupted_evaluation_continues_from_its_cached_chunks(tmp_path, monkeypatch):
+    """jobs/eval.py's evaluation caches features per chunk: stopped in its third chunk of generated images, a rerun
+    computes only the missing chunks and gives exactly the numbers of an uninterrupted evaluation."""
+    from gancore import evaluation
+    from gancore.io import cache_dir
+    from gancore.metrics import fidelity
+
+    monkeypatch.setattr(fidelity, "CHUNK", 100)
+    r = fit(tiny(), out=tmp_path / "run")
+    sampled = []
+    original = evaluation.chunk_sampler
+
+    def counting(family, seed):
+        inner = original(family, seed)
+
+        def chunk(i):
+            sampled.append(i)
+            if i == 2 and sampled.count(2) == 1:
+                raise KeyboardInterrupt  # Ctrl-C in the third chunk
+            return inner(i)
+        return chunk
+
+    monkeypatch.setattr(evaluation, "chunk_sampler", counting)
+    ckpt_file = str(r.checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_checkpoint(ckpt_file, n=500, extractor="lenet_mnist", log=False)
+    assert sampled == [0, 1, 2]
+    values, _ = evaluation.evaluate_checkpoint(ckpt_file, n=500, extractor="lenet_mnist", log=False)
+    assert sampled == [0, 1, 2, 2, 3, 4]  # chunks 0 and 1 came from the cache
+
+    fresh = tmp_path / "fresh-cache"  # nothing cached but the extractor: one uninterrupted pass
+    fresh.mkdir()
+    (fresh / "extractors").symlink_to(cache_dir() / "extractors", target_is_directory=True)
+    monkeypatch.setenv("GANCORE_CACHE", str(fresh))
+    again, _ = evaluation.evaluate_checkpoint(ckpt_file, n=500, extractor="lenet_mnist", log=False)
+    assert again == values and set(values) == {"fid_lenet_500", "is_lenet_500", "kid_lenet_500",
+                                               "precision_lenet_500", "recall_lenet_500"}
