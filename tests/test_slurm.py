@@ -388,3 +388,57 @@ def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path):
     study = optuna.load_study(study_name="slurm", storage=sw.open_storage(sweep.storage_url))
     runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
     assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks
+
+
+def test_a_killed_slurm_array_worker_loses_no_trial(tmp_path):
+    """kill -9 of one array task mid-trial: the array ends with a failed task, the coordinator re-queues the dead
+    task's trial (journal storage: no heartbeat; the array's end is what tells) and a second array finishes it from
+    its checkpoint, in the same MLflow run; the sweep ends 0 with every trial complete."""
+    import signal
+    import threading
+
+    import optuna
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from gancore import sweep as sw
+    from gancore.sweep import load_sweep
+    from test_sweep import child_runs, sweep_file, trials
+
+    path = sweep_file(tmp_path, study="killed", n_trials=3, steps=24, slurm={"cpus": 1, "mem": "2G", "time": "0:15:00"})
+    d = yaml.safe_load(path.read_text())
+    d["overrides"].update({"eval.every": 8, "train.checkpoint_every": 4})
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
+    result = {}
+    coordinator = threading.Thread(target=lambda: result.update(code=sw.run_sweep(sweep, workers=2, launcher="slurm")),
+                                   daemon=True)
+    coordinator.start()
+    deadline, victim = time.time() + WAIT_S, None
+    while victim is None:  # a running trial of an array task with its first checkpoint written
+        assert coordinator.is_alive() and time.time() < deadline, "no trial reached a checkpoint"
+        try:
+            running = trials(sweep)
+        except KeyError:  # the coordinator has not created the study in the journal yet
+            running = []
+        for t in running:
+            run_dir = t.user_attrs.get("gancore.run_dir")
+            if t.state.name == "RUNNING" and t.user_attrs.get("gancore.slurm_task") and run_dir and \
+                    ckpt.latest(Path(run_dir)) is not None:
+                victim = t
+                break
+        time.sleep(0.2)
+    pid = int(victim.user_attrs["gancore.worker"].rsplit(":", 2)[1])
+    os.kill(pid, signal.SIGKILL)
+    coordinator.join(timeout=2 * WAIT_S)
+    assert not coordinator.is_alive() and result["code"] == 0
+    t = trials(sweep)
+    states = [x.state.name for x in t]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1, states
+    (retry,) = [x for x in t if x.user_attrs.get("gancore.resumes") == victim.user_attrs["gancore.run_dir"]]
+    assert retry.state.name == "COMPLETE" and int(retry.user_attrs["gancore.resume_step"]) > 0  # from its checkpoint
+    assert "died" in t[victim.number].user_attrs["gancore.interrupted"]
+    client = MlflowClient(sweep.base.track.uri)
+    study = optuna.load_study(study_name="killed", storage=sw.open_storage(sweep.storage_url))
+    runs = child_runs(client, study.user_attrs[sw.PARENT_ATTR])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the killed trial's run continued

@@ -37,13 +37,15 @@ class ArrayWorker:
 
 
 def run_array(work: Callable[[int], tuple[int, int | None]], n: int, folder: Path, res: Resources, name: str,
-              parallelism: int | None = None) -> int:
+              parallelism: int | None = None) -> tuple[int, str]:
     """`work(0..n-1)` as a Slurm job array (at most `parallelism` at once, default all); waits for the tasks.
-    Returns the highest exit code (1 for a task that failed), EXIT_STOPPED after Ctrl-C (tasks cancelled)."""
+    Returns (the highest exit code (1 for a task that failed), EXIT_STOPPED after Ctrl-C (tasks cancelled);
+    the array's job id)."""
     ex = make_executor("slurm", folder, res, name=name)
     ex.update_parameters(slurm_array_parallelism=parallelism or n)
     jobs = ex.map_array(ArrayWorker(work), list(range(n)))
-    print(f"sweep: {n} Slurm worker(s) in job array {jobs[0].job_id.split('_')[0]}; logs in {folder}", flush=True)
+    array = jobs[0].job_id.split("_")[0]
+    print(f"sweep: {n} Slurm worker(s) in job array {array}; logs in {folder}", flush=True)
     code = 0
     try:
         for j in jobs:
@@ -55,5 +57,5 @@ def run_array(work: Callable[[int], tuple[int, int | None]], n: int, folder: Pat
     except KeyboardInterrupt:
         for j in jobs:
             j.cancel(check=False)  # SIGTERM: each worker checkpoints and re-queues its trial
-        return EXIT_STOPPED
-    return code
+        return EXIT_STOPPED, array
+    return code, array

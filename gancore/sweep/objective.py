@@ -9,7 +9,7 @@ from typing import Any
 
 from gancore.errors import NonFiniteLossError, SweepError
 from gancore.sweep.spec import Sweep, trial_config
-from gancore.sweep.trials import resume_step, worker_id
+from gancore.sweep.trials import resume_step, slurm_task, worker_id
 from gancore.tracking.sweep_runs import ChildRun
 
 
@@ -75,6 +75,8 @@ class Objective:
         from gancore.train.loop import fit
 
         trial.set_user_attr("gancore.worker", worker_id())
+        if slurm_task():  # which task of a Slurm job array runs it (its death is known once the array ends)
+            trial.set_user_attr("gancore.slurm_task", slurm_task())
         resume = _resume_point(trial)
         params = {p.name: p.suggest(trial) for p in self.sweep.space}
         cfg = trial_config(self.sweep, params, trial.number)

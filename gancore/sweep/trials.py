@@ -76,6 +76,14 @@ class Budget:
 # Workers: who runs a trial, and is it still alive
 
 
+def slurm_task() -> str | None:
+    """ARRAYJOB_TASK of the Slurm job-array task this process runs in (else the Slurm job id, else None)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def worker_id() -> str:
     """host:pid:start-time of this process (the start time tells a live worker from a reused pid)."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
@@ -222,6 +230,20 @@ def recover_dead(study: Any, sweep: Sweep) -> list[int]:
     for n in sorted(retried_numbers(trials) - before):
         close_child_runs(sweep, trials[n], study.user_attrs.get(PARENT_ATTR))
         done.append(n)
+    return done
+
+
+def recover_array(study: Any, sweep: Sweep, array_job: str) -> list[int]:
+    """Re-queue the trials left RUNNING by tasks of Slurm job array `array_job` once the whole array has ended: its
+    tasks are gone, so such a trial's worker died (killed, node failure), whatever the storage (the journal has no
+    heartbeat). Returns the re-queued trial numbers."""
+    done = []
+    for t in study.get_trials(deepcopy=False):
+        task = t.user_attrs.get("gancore.slurm_task") or ""
+        if _state(t) == "RUNNING" and task.startswith(f"{array_job}_"):
+            if requeue(study, t.number, sweep, f"Slurm worker {task} died"):
+                done.append(t.number)
+                close_child_runs(sweep, t, study.user_attrs.get(PARENT_ATTR))
     return done
 
 

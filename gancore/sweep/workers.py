@@ -18,7 +18,7 @@ from gancore.sweep import devices
 from gancore.sweep.objective import Objective, TrialInterrupted
 from gancore.sweep.spec import Sweep
 from gancore.sweep.storage import open_storage, open_study
-from gancore.sweep.trials import Budget, requeue, running_elsewhere, trials_left
+from gancore.sweep.trials import Budget, recover_array, requeue, running_elsewhere, trials_left
 
 
 @dataclass(frozen=True)
@@ -297,11 +297,27 @@ def launch_slurm(sweep: Sweep, ctx: WorkerContext, n: int) -> int:
     s = sweep.slurm
     res = Resources(gpus=s["gpus"], cpus=s["cpus"], mem=None if s["mem"] is None else str(s["mem"]),
                     time=str(s["time"]), partition=s["partition"], account=s["account"], qos=s["qos"])
-    code = run_array(functools.partial(_array_task, ctx), n, sweep.dir / "slurm", res, name=f"sweep-{sweep.study}",
-                     parallelism=s["array_parallelism"])
-    if code not in (0, EXIT_STOPPED):
-        raise SweepError(f"Slurm workers failed; see {sweep.dir / 'slurm'}")
-    return code
+    for attempt in (1, 2):
+        code, array = run_array(functools.partial(_array_task, ctx), n, sweep.dir / "slurm", res,
+                                name=f"sweep-{sweep.study}", parallelism=s["array_parallelism"])
+        if code in (0, EXIT_STOPPED):
+            return code
+        # a task died (killed, out of memory, a node lost): its trial is still RUNNING in the study. Every task of
+        # the array has ended now, so such trials are re-queued here and a second array finishes them (each from
+        # its last checkpoint, in its MLflow run)
+        study = open_study(sweep, open_storage(sweep.storage_url))
+        requeued = recover_array(study, sweep, array)
+        left = trials_left(study, sweep.n_trials)
+        if left == 0:  # the other workers used the budget: nothing is lost
+            print(f"sweep: Slurm worker(s) of array {array} failed, but every trial finished; see "
+                  f"{sweep.dir / 'slurm'}", file=sys.stderr, flush=True)
+            return 0
+        if attempt == 1:
+            print(f"sweep: Slurm worker(s) of array {array} died; trial(s) {requeued or 'none'} re-queued; a second "
+                  "array finishes the study", flush=True)
+            n = n if left is None else max(1, min(n, left))
+    raise SweepError(f"Slurm workers failed in two arrays; see {sweep.dir / 'slurm'}; run the sweep again to "
+                     "continue the re-queued trials")
 
 
 def auto_workers(sweep: Sweep, launcher: str) -> tuple[int, str]:
