@@ -126,6 +126,13 @@ CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     # runs
     ("runs-limit-0", _nothing, ["jobs/runs.py", "--limit", "0"], "--limit"),
     ("runs-no-store", _nothing, ["jobs/runs.py"], "no MLflow store"),
+    # reproduce
+    ("reproduce-unknown-suite", _nothing, ["jobs/reproduce.py", "mnst"], "invalid choice: 'mnst'"),
+    ("reproduce-epochs-0", _nothing, ["jobs/reproduce.py", "mnist", "--epochs", "0"], "--epochs"),
+    ("reproduce-out-is-file", _file("o"), ["jobs/reproduce.py", "mnist", "--out", "o"], "existing file"),
+    ("reproduce-bad-override", _nothing, ["jobs/reproduce.py", "mnist", "--dry-run", "optim.lr_g=0"],
+     "optim.lr_g=0.0 is out of range"),
+    ("reproduce-bad-protocol", _nothing, ["jobs/reproduce.py", "mnist", "--protocol", "fid"], "--protocol"),
     # anomaly_table
     ("anomaly-digits-out-of-range", _nothing, ["jobs/anomaly_table.py", "--digits", "0-10"], "digits go from 0 to 9"),
     ("anomaly-digits-word", _nothing, ["jobs/anomaly_table.py", "--digits", "all"], "--digits"),
