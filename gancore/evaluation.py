@@ -81,12 +81,10 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     values = evaluate(cfg, None, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True,
                       resumable=(chunk_sampler(family, seed), folder))
     if log and run_id and cfg.track.enabled:
-        import json
-
-        from gancore.metrics import protocol, protocol_key
+        from gancore.metrics import protocol, protocol_tag
         from gancore.tracking import log_to_run
 
         proto = protocol(cfg, extractor, n or cfg.eval.n_samples or 10000, ema=family.ema is not None)
-        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri,
-                   protocol=(protocol_key(proto), json.dumps(proto, sort_keys=True)))
+        (tag,) = protocol_tag(proto).items()
+        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri, protocol=tag)
     return values, run_id

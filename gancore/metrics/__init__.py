@@ -24,6 +24,7 @@ from gancore.metrics.fidelity import (
     metric_key,
     protocol,
     protocol_key,
+    protocol_tag,
     real_statistics,
     statistics,
 )
@@ -31,6 +32,7 @@ from gancore.metrics.figures import class_accuracy, tsne_figure, tsne_plot
 
 __all__ = [
     "ALL_METRICS", "DOMAIN", "FOR_DATASET", "class_accuracy", "count_tag", "default_inception_path", "evaluate",
-    "extractor_path", "frechet_distance", "metric_key", "protocol", "protocol_key", "real_statistics", "resolve", "statistics",
+    "extractor_path", "frechet_distance", "metric_key", "protocol", "protocol_key", "protocol_tag",
+    "real_statistics", "resolve", "statistics",
     "train_classifier", "tsne_figure", "tsne_plot",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pickle
 import shutil
 from collections.abc import Callable, Iterator
@@ -254,6 +255,11 @@ def protocol(cfg: Config, extractor: str | None = None, n: int | None = None, em
 def protocol_key(proto: dict[str, Any]) -> str:
     """The MLflow tag that holds `proto`: gancore.protocol.<extractor tag>_<count> (fid_lenet_10k -> lenet_10k)."""
     return f"gancore.protocol.{metric_key('fid', proto['extractor'], proto['generated'])[len('fid_'):]}"
+
+
+def protocol_tag(proto: dict[str, Any]) -> dict[str, str]:
+    """{protocol_key: the protocol as sorted JSON}: the run tag stored beside the metrics."""
+    return {protocol_key(proto): json.dumps(proto, sort_keys=True)}
 
 
 def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,

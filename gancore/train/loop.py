@@ -13,7 +13,6 @@ step); everything around the step is unchanged.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from gancore import plots
 from gancore.config import Config, save_yaml
@@ -121,10 +120,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     def save_checkpoint(path: Path | None = None) -> Path | None:
         """Rank 0 writes; `path` (e.g. the best-FID checkpoint) is kept outside the step rotation. A step checkpoint
         of a multi-process run is a collective: every rank's own state is gathered to rank 0 first."""
-        ranks = None
-        if path is None and accelerator.num_processes > 1:
-            # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back (torch 2.14)
-            ranks = [ckpt.unpack(b) for b in gather_object([ckpt.pack(run.rank_state(loader))])]
+        ranks = ckpt.gather_ranks(accelerator, run.rank_state(loader)) if path is None else None
         if not is_main:
             return None
         state = run.checkpoint(cfg, family, accelerator, loader, image_shape, num_classes, ranks)
@@ -142,17 +138,15 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         g = torch.Generator().manual_seed(cfg.train.seed + 777)
         return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
 
-    stamped: list[dict] = []
+    stamped: list[None] = []  # one entry once the run's protocol tag is set
 
     def evaluate_metrics() -> dict[str, float]:
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
-        from gancore.metrics import evaluate, protocol, protocol_key
+        from gancore.metrics import evaluate, protocol, protocol_tag
 
         values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
         if values and not stamped:  # the protocol beside the numbers, once per run (gancore.metrics.protocol)
-            proto = protocol(cfg, ema=family.ema is not None)
-            tracker.set_tags({protocol_key(proto): json.dumps(proto, sort_keys=True)})
-            stamped.append(proto)
+            stamped.append(tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None))))
         fid = sorted(k for k in values if k.startswith("fid_"))
         if fid and values[fid[0]] < run.best.get("value", float("inf")):
             run.best.update(key=fid[0], value=values[fid[0]], step=run.step)

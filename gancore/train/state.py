@@ -178,6 +178,16 @@ def set_aside(paths: list[Path]) -> None:
             p.rename(p.with_name(p.name + ".corrupt"))
 
 
+def gather_ranks(accelerator: Any, mine: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's `mine` on every rank (a collective: all ranks call it), None for one process. Sent as torch.save
+    bytes: all_gather_object's own pickling of tensors does not load back (torch 2.14)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return [unpack(b) for b in gather_object([pack(mine)])]
+
+
 def pack(obj: Any) -> bytes:
     """`obj` (tensors, numbers, dicts) as torch.save bytes, to send between processes."""
     buf = io.BytesIO()
