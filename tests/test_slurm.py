@@ -338,17 +338,21 @@ def test_preempted_submitit_job_checkpoints_and_resumes(tmp_path, jobs, referenc
     store = tmp_path / "mlruns" / "mlflow.db"
     res = Resources(cpus=1, mem="2G", time="20", partition="debug")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # sbatch (called by submitit) passes this environment on
+    # race-free: the trainer waits at step 6 (after its first checkpoint) until a stop signal arrives (at most
+    # 120 s), so the preemption certainly finds it mid-run (SIGSTOP did not work here: submitit's USR2 never
+    # showed as pending). The requeued job resumes from step 6 and does not wait again.
+    monkeypatch.setenv("GANCORE_TEST_HOLD_AT_STEP", "6")
     (sub,) = submit_runs("slurm", CONFIG, expand_runs([*LONG, f"track.uri=sqlite:///{store}"]),
                          res, out="victim", folder=tmp_path / "submitit")
     jid = str(sub.job.job_id)
     jobs.append(jid)
     wait_for_checkpoint(tmp_path / "victim", jid)
-    preempt_all_cpus(jobs)  # not frozen: the USR2 that submitit's step gets never showed as pending (tried)
+    preempt_all_cpus(jobs)
     wait_done(jid)  # bounded; submitit's result() below has no timeout of its own
     result = sub.job.result()
     assert result.status == "finished" and result.step == 48
     out = sub.log.read_text()
-    assert "gancore: stopped at step" in out and "Calling checkpoint method" in out, out
+    assert "gancore: stopped at step 6/48" in out and "Calling checkpoint method" in out, out
     check_resumed_job(jid, tmp_path / "victim", store, reference())
     assert result.run_id == mlflow_runs(store)[1][0].info.run_id
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -33,9 +34,13 @@ class StopFlag:
     """
 
     SYNC_EVERY = 10
+    HOLD_S = 120.0
 
     def __init__(self, accelerator: Any = None) -> None:
         self.signal: int | None = None
+        # test hook (tests/test_slurm.py): a one-process run waits at this step until a stop signal arrives (at
+        # most HOLD_S), so a test can preempt a job that is certainly mid-run without racing it to its end.
+        self.hold_at = int(os.environ.get("GANCORE_TEST_HOLD_AT_STEP") or 0)
         self._old: dict[int, Any] = {}
         self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
 
@@ -53,6 +58,9 @@ class StopFlag:
 
     def requested(self, step: int) -> bool:
         if self._acc is None:
+            end = time.monotonic() + self.HOLD_S
+            while step == self.hold_at and self.signal is None and time.monotonic() < end:
+                time.sleep(0.05)
             return self.signal is not None
         if step % self.SYNC_EVERY:
             return False
