@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--out", type=out_dir, help="run directory (default runs/<preset>-<timestamp>)")
     ap.add_argument("--resume", type=resume_arg, help="'auto' (latest checkpoint of --out, or of the newest runs/<preset>-*) or a checkpoint path")
     ap.add_argument("--stop-after", type=positive_int, help="stop after this many steps with a checkpoint (testing resume)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides may also follow --out / --resume
     quiet_third_party()
 
     from gancore.config import load_config

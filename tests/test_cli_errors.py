@@ -85,6 +85,8 @@ CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("train-unknown-key", _nothing, ["jobs/train.py", "optim.lr=1e-3"], "did you mean"),
     ("train-config-missing", _nothing, ["jobs/train.py", "--config", "nothere.yaml"], "not found"),
     ("train-config-bad-yaml", _file("b.yaml", "a: [\n"), ["jobs/train.py", "--config", "b.yaml"], "not valid YAML"),
+    ("train-override-after-out", _nothing, ["jobs/train.py", "--config", QUICK, "--out", "o", "optim.batch_size=0"],
+     "optim.batch_size=0"),  # read as an override wherever it stands, not "unrecognized arguments"
     ("train-stop-after-0", _nothing, ["jobs/train.py", "--stop-after", "0"], "--stop-after"),
     ("train-bad-flag", _nothing, ["jobs/train.py", "--bogus"], "unrecognized arguments"),
     # train: paths

@@ -121,7 +121,9 @@ def test_quickstart_logs_sample_quality_by_step_and_ends_its_summary_with_it(tmp
     assert sorted(fid) == [100, 200] and 0 < fid[200] < fid[100], fid  # the UI's chart: FID falls
     for key in ("kid_lenet_1k", "is_lenet_1k"):
         assert _steps(client, run.info.run_id, key) == [100, 200], key
-    assert 1.0 <= run.data.metrics["is_lenet_1k"] <= 10.0  # IS on 10 classes lies in [1, 10]
+    # IS floor a generator that does not learn fails: 200 steps gave 3.83 here, the same run with G frozen
+    # (optim.lr_g=1e-8) 1.0045
+    assert run.data.metrics["is_lenet_1k"] > 2.0
     import hashlib
     import json
 
