@@ -78,13 +78,13 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     from gancore.metrics.extractors import file_digest
 
     folder = cache_dir() / "eval_features" / f"{file_digest(path)[:16]}-seed{seed}"
-    values = evaluate(cfg, None, dev, extractor=extractor, n=n or cfg.eval.n_samples or 10000, progress=True,
+    n = n or cfg.eval.n_samples or 10000
+    values = evaluate(cfg, None, dev, extractor=extractor, n=n, progress=True,
                       resumable=(chunk_sampler(family, seed), folder))
     if log and run_id and cfg.track.enabled:
         from gancore.metrics import protocol, protocol_tag
         from gancore.tracking import log_to_run
 
-        proto = protocol(cfg, extractor, n or cfg.eval.n_samples or 10000, ema=family.ema is not None)
-        (tag,) = protocol_tag(proto).items()
+        (tag,) = protocol_tag(protocol(cfg, extractor, n, ema=family.ema is not None)).items()
         log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri, protocol=tag)
     return values, run_id

@@ -63,13 +63,14 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
         raise ConfigError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    from gancore.metrics.classifier import FOR_DATASET  # the dataset's own domain extractor
+
     out = []
     for preset in SUITES[suite]:
         path = ROOT / "configs" / f"{preset}.yaml"
         base = load_config(path, list(overrides))
         per_epoch = steps_per_epoch(base)
-        extractor = "inception" if protocol == "inception" else {"mnist": "lenet_mnist"}.get(base.data.name,
-                                                                                             "cifar_classifier")
+        extractor = "inception" if protocol == "inception" else FOR_DATASET[base.data.name]
         over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={per_epoch}",
                 "eval.metrics=[fid,kid,is]", f"name={preset}"]
         if epochs is not None:
@@ -122,16 +123,15 @@ def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str,
         if r.status != "finished":
             complete = False
             break
-    rows = [table_row(p, protocol) for p in plans if finished_run(p)]
+    rows = [table_row(p, run_id, protocol) for p in plans if (run_id := finished_run(p))]
     write_tables(rows, Path(out), suite, protocol, plans)
     return rows, complete
 
 
-def table_row(p: Plan, protocol: str) -> dict[str, Any]:
-    """One results row, read back from the experiment's MLflow run."""
+def table_row(p: Plan, run_id: str, protocol: str) -> dict[str, Any]:
+    """One results row, read back from the experiment's finished MLflow run `run_id`."""
     from gancore.tracking.store import existing_client
 
-    run_id = finished_run(p)
     client, _ = existing_client(p.cfg.track.uri)
     run = client.get_run(run_id)
     fid_key = next((k for k in run.data.metrics if k.startswith("fid_")), None)

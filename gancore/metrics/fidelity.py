@@ -20,8 +20,8 @@ import json
 import pickle
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch

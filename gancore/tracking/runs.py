@@ -104,7 +104,8 @@ def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int 
     for r in rows:
         if r["best_fid"] and r["protocol"]:
             seen = protocols.setdefault(r["best_fid"][0], [])
-            seen.extend([r["protocol"]] if r["protocol"] not in seen else [])
+            if r["protocol"] not in seen:
+                seen.append(r["protocol"])
     for r in rows:
         best = f"{r['best_fid'][1]:.4g} ({r['best_fid'][0]})" if r["best_fid"] else "-"
         if r["best_fid"] and len(protocols.get(r["best_fid"][0], [])) > 1:

@@ -138,15 +138,16 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         g = torch.Generator().manual_seed(cfg.train.seed + 777)
         return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
 
-    stamped: list[None] = []  # one entry once the run's protocol tag is set
+    stamped = [False]  # the run's protocol tag is set (once per run)
 
     def evaluate_metrics() -> dict[str, float]:
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
         from gancore.metrics import evaluate, protocol, protocol_tag
 
         values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
-        if values and not stamped:  # the protocol beside the numbers, once per run (gancore.metrics.protocol)
-            stamped.append(tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None))))
+        if values and not stamped[0]:  # the protocol beside the numbers (gancore.metrics.protocol)
+            tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None)))
+            stamped[0] = True
         fid = sorted(k for k in values if k.startswith("fid_"))
         if fid and values[fid[0]] < run.best.get("value", float("inf")):
             run.best.update(key=fid[0], value=values[fid[0]], step=run.step)

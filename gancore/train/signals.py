@@ -58,14 +58,18 @@ class StopFlag:
 
     def requested(self, step: int) -> bool:
         if self._acc is None:
-            end = time.monotonic() + self.HOLD_S
-            while step == self.hold_at and self.signal is None and time.monotonic() < end:
-                time.sleep(0.05)
+            if step == self.hold_at:
+                self._hold()
             return self.signal is not None
         if step % self.SYNC_EVERY:
             return False
         flag = torch.tensor([float(self.signal is not None)], device=self._acc.device)
         return bool(self._acc.reduce(flag, "sum").item() > 0)
+
+    def _hold(self) -> None:
+        end = time.monotonic() + self.HOLD_S
+        while self.signal is None and time.monotonic() < end:
+            time.sleep(0.05)
 
     def restore(self) -> None:
         for s, h in self._old.items():
