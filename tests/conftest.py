@@ -19,10 +19,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 DATA = Path(os.environ["GANCORE_DATA"])
 
 
-# CI switches (.ci/run sets all three): what a developer's machine may lack is skipped there, but in CI a skip would
+# CI switches (.ci/run sets all four): what a developer's machine may lack is skipped there, but in CI a skip would
 # hide a broken setup, so it fails. GANCORE_REQUIRE_DATA=1: a missing dataset fails, and so does every other skip
-# except those marked `may_skip` (no GPU, no FID Inception weights). GANCORE_REQUIRE_PG=1: the PostgreSQL tests
-# fail when GANCORE_TEST_PG_URL is unset. GANCORE_REQUIRE_SLURM=1: see test_slurm.py.
+# except those marked `may_skip` (no GPU). GANCORE_REQUIRE_PG=1: the PostgreSQL tests fail when GANCORE_TEST_PG_URL
+# is unset. GANCORE_REQUIRE_INCEPTION=1: the FID Inception tests fail without the weights (.ci/run builds them with
+# ../shared/weights/make-fid-inception.sh). GANCORE_REQUIRE_SLURM=1: see test_slurm.py.
 REQUIRE_DATA = os.environ.get("GANCORE_REQUIRE_DATA") == "1"
 REQUIRE_PG = os.environ.get("GANCORE_REQUIRE_PG") == "1"
 PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
@@ -36,22 +37,36 @@ def have_cifar() -> bool:
     return (DATA / "cifar10" / "test.npz").is_file()
 
 
+def _inception_file() -> Path:
+    """The FID Inception weights where torch-fidelity looks (before any test changes TORCH_HOME)."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+
+
+INCEPTION = _inception_file()
+
+
 # resource -> (present?, why not, the switch that makes its absence a failure)
 _NEEDS = {
     "mnist": (have_mnist, f"MNIST not found at {DATA}/mnist.npz (set GANCORE_DATA)", "GANCORE_REQUIRE_DATA"),
     "cifar": (have_cifar, f"CIFAR-10 not found under {DATA}/cifar10 (set GANCORE_DATA)", "GANCORE_REQUIRE_DATA"),
     "pg": (lambda: bool(PG_URL), "GANCORE_TEST_PG_URL not set (.ci/run starts PostgreSQL and sets it)",
            "GANCORE_REQUIRE_PG"),
+    "inception": (INCEPTION.is_file, f"FID Inception weights not at {INCEPTION} "
+                  "(PYTHON=.venv/bin/python bash ../shared/weights/make-fid-inception.sh)", "GANCORE_REQUIRE_INCEPTION"),
 }
 needs_mnist = pytest.mark.needs("mnist")
 needs_cifar = pytest.mark.needs("cifar")
 needs_pg = pytest.mark.needs("pg")
-may_skip = pytest.mark.may_skip  # the only skips CI accepts: no CUDA GPU, no FID Inception weights
+needs_inception = pytest.mark.needs("inception")
+may_skip = pytest.mark.may_skip  # the only skip CI accepts: no CUDA GPU
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "needs(resource): skipped without mnist / cifar / pg; failed instead in CI")
-    config.addinivalue_line("markers", "may_skip: a skip CI accepts (GPU, Inception weights)")
+    config.addinivalue_line("markers", "needs(resource): skipped without mnist / cifar / pg / inception; failed "
+                            "instead in CI")
+    config.addinivalue_line("markers", "may_skip: a skip CI accepts (no GPU)")
 
 
 def pytest_runtest_setup(item):
@@ -70,7 +85,7 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_DATA and report.skipped and not hasattr(report, "wasxfail") and not item.get_closest_marker("may_skip"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = (f"skipped in CI, where only GPU / Inception-weights tests may skip "
+        report.longrepr = (f"skipped in CI, where only GPU tests may skip "
                            f"(GANCORE_REQUIRE_DATA=1): {reason}")
     return report
 

@@ -14,15 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, may_skip, needs_mnist
-
-
-def _inception_file() -> Path:
-    """The FID Inception weights where torch-fidelity looks (before any test changes TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-
-
-INCEPTION = _inception_file()
+from conftest import DATA, INCEPTION, needs_inception, needs_mnist
 
 
 @pytest.fixture(scope="session")
@@ -284,9 +276,7 @@ def test_figures(env, tmp_path):
 
 
 @needs_mnist
-@may_skip
-@pytest.mark.skipif(not INCEPTION.is_file(), reason=f"FID Inception weights not at {INCEPTION} "
-                    "(PYTHON=.venv/bin/python bash ../shared/weights/make-fid-inception.sh)")
+@needs_inception
 def test_inception_greyscale_and_is_policy(env):
     """20 greyscale digits through Inception (repeated to RGB); IS only when the weights carry a classifier."""
     from gancore.metrics import evaluate

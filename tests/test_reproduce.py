@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, needs_mnist
+from conftest import ROOT, needs_inception, needs_mnist
 
 from gancore.experiments import reproduce as rp
 from gancore.train import state as ckpt
@@ -67,6 +67,49 @@ def test_tables_are_read_back_from_mlflow_and_finished_runs_are_reused(tmp_path,
     rows2, complete2 = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None)
     assert complete2 and [r["run_id"] for r in rows2] == [r["run_id"] for r in rows]
     assert len(_all_runs(client)) == 2
+
+
+@needs_inception
+def test_final_inception_columns_measure_the_best_checkpoint_once(tmp_path, monkeypatch):
+    """`--final inception`: the best (domain-FID) checkpoint gets an Inception FID at the end, logged into its run
+    with the protocol stamp, shown in its own columns headed by the metric; a rerun does not measure it again."""
+    import json
+
+    from gancore.errors import ConfigError
+    from gancore.train import state
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    plans = rp.plan("mnist", "domain", epochs=2, n_samples=40, overrides=(*SMALL, f"track.uri={uri}"),
+                    runs_root=tmp_path / "runs")[:1]
+    rows, complete = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None,
+                                  final="inception")
+    assert complete
+    client = _client(uri)
+    run_id = rows[0]["run_id"]
+    run = client.get_run(run_id)
+    (fid,) = client.get_metric_history(run_id, "fid_inception_40")
+    best_step = state.load(plans[0].run_dir / state.CKPT_DIR / state.BEST)["step"]
+    assert fid.step == best_step == rows[0]["fid_best_step"] and fid.value > 0  # best.pt, at its own step
+    stamp = json.loads(run.data.tags["gancore.protocol.inception_40"])
+    assert stamp["extractor"] == "inception" and len(stamp["weights_sha256"]) == 64 and stamp["ema"] is False
+    with open(tmp_path / "results" / "mnist.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["fid_inception_40"]) == pytest.approx(fid.value) and int(row["fid_inception_40_step"]) == fid.step
+    assert float(row["kid_inception_40"]) == pytest.approx(run.data.metrics["kid_inception_40"])
+    assert float(row["fid_best"]) == pytest.approx(rows[0]["fid_best"])  # the domain column is still lenet's
+    md = (tmp_path / "results" / "mnist.md").read_text()
+    assert "| fid_inception_40 | kid_inception_40 | fid_inception_40_step |" in md
+
+    import gancore.evaluation
+
+    monkeypatch.setattr(gancore.evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("measured twice"))
+    rows2, _ = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None,
+                            final="inception")
+    assert rows2[0]["final_fid"] == pytest.approx(fid.value)
+    same = rp.plan("mnist", "inception", epochs=2, n_samples=40, overrides=(*SMALL, f"track.uri={uri}"),
+                   runs_root=tmp_path / "runs")
+    with pytest.raises(ConfigError, match="protocol's own extractor"):
+        rp.reproduce(same, tmp_path / "results", "mnist", "inception", final="inception")
 
 
 def test_an_interrupted_suite_continues_where_it_stopped(tmp_path):

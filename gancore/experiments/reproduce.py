@@ -37,6 +37,8 @@ SUITES["all"] = tuple(dict.fromkeys(p for s in ("mnist", "cifar10", "families") 
 PROTOCOLS = ("domain", "inception")
 COLUMNS = ["experiment", "report_fid", "report_is", "fid_best", "fid_best_step", "fid_last", "is_last", "kid_last",
            "protocol", "steps", "wall_min", "device", "run_id"]
+# `--final inception` adds three columns: the best checkpoint (by the protocol's FID) measured once more with another
+# extractor at the end, headed by their metric (fid_inception_10k ...), never mixed into the protocol's columns
 
 
 @dataclass
@@ -107,11 +109,14 @@ def finished_run(p: Plan) -> str | None:
     return run_id if client.get_run(run_id).info.status == "FINISHED" else None
 
 
-def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str,
-              progress: Any = print) -> tuple[list[dict[str, Any]], bool]:
-    """Train (or reuse) every planned experiment, then write the tables; returns (rows, complete)."""
+def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str, progress: Any = print,
+              final: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Train (or reuse) every planned experiment, measure each best checkpoint with the `final` extractor when
+    given (once: a run that has the metric keeps it), then write the tables; returns (rows, complete)."""
     from gancore.train.loop import fit
 
+    if final and any(p.cfg.eval.extractor == final for p in plans):
+        raise ConfigError(f"--final {final} is the protocol's own extractor; leave --final out or pick another")
     complete = True
     for i, p in enumerate(plans, 1):
         run_id = finished_run(p)
@@ -123,24 +128,59 @@ def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str,
         if r.status != "finished":
             complete = False
             break
-    rows = [table_row(p, run_id, protocol) for p in plans if (run_id := finished_run(p))]
-    write_tables(rows, Path(out), suite, protocol, plans)
+    if complete and final:
+        for i, p in enumerate(plans, 1):
+            final_eval(p, final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.preset}: {m}"))
+    rows = [table_row(p, run_id, protocol, final) for p in plans if (run_id := finished_run(p))]
+    write_tables(rows, Path(out), suite, protocol, plans, final)
     return rows, complete
 
 
-def table_row(p: Plan, run_id: str, protocol: str) -> dict[str, Any]:
+def final_key(p: Plan, final: str) -> str:
+    from gancore.metrics.fidelity import metric_key
+
+    return metric_key("fid", final, p.cfg.eval.n_samples)
+
+
+def final_eval(p: Plan, final: str, progress: Any = print) -> None:
+    """`final`-extractor FID/KID of the finished run's best checkpoint, logged into its MLflow run (at that
+    checkpoint's step, protocol-stamped); skipped when the run already has it. Interrupted, it continues from its
+    cached feature chunks (gancore.evaluation)."""
+    from gancore.evaluation import evaluate_checkpoint
+    from gancore.tracking.store import existing_client
+
+    run_id = finished_run(p)
+    client, _ = existing_client(p.cfg.track.uri)
+    key = final_key(p, final)
+    if key in client.get_run(run_id).data.metrics:
+        progress(f"{key} already measured (run {run_id})")
+        return
+    progress(f"{key} of the best checkpoint ({p.run_dir})")
+    evaluate_checkpoint(str(p.run_dir), n=p.cfg.eval.n_samples, extractor=final, uri=p.cfg.track.uri)
+
+
+def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> dict[str, Any]:
     """One results row, read back from the experiment's finished MLflow run `run_id`."""
+    from gancore.metrics.fidelity import metric_key
     from gancore.tracking.store import existing_client
 
     client, _ = existing_client(p.cfg.track.uri)
     run = client.get_run(run_id)
-    fid_key = next((k for k in run.data.metrics if k.startswith("fid_")), None)
-    hist = sorted(client.get_metric_history(run_id, fid_key), key=lambda m: m.step) if fid_key else []
+    metric = lambda k: run.data.metrics.get(k)  # noqa: E731
+    fid_key = metric_key("fid", p.cfg.eval.extractor, p.cfg.eval.n_samples)
+    hist = sorted(client.get_metric_history(run_id, fid_key), key=lambda m: m.step)
+    if not hist:
+        fid_key = None
     best = min(hist, key=lambda m: m.value) if hist else None
     suffix = fid_key[len("fid_"):] if fid_key else ""
     rep = REPORTED.get(p.preset)
-    metric = lambda k: run.data.metrics.get(k)  # noqa: E731
-    return {
+    extra: dict[str, Any] = {}
+    if final:
+        key = final_key(p, final)
+        last = max(client.get_metric_history(run_id, key), key=lambda m: m.step, default=None)
+        extra = {"final_fid": last.value if last else None, "final_step": last.step if last else None,
+                 "final_kid": metric("kid_" + key[len("fid_"):]), "final_protocol": key}
+    return {**extra,
         "experiment": p.preset, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
         "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
         "fid_last": hist[-1].value if hist else None, "is_last": metric(f"is_{suffix}"),
@@ -158,35 +198,49 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: str, plans: list[Plan]) -> None:
+def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: str, plans: list[Plan],
+                 final: str | None = None) -> None:
     """results/<suite>.csv, .md and _fid.png (atomic writes); open rows are listed as such."""
     from gancore.io import atomic_write
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["experiment"] for r in rows}
-    atomic_write(out / f"{suite}.csv", _csv(rows))
+    cols = _columns(final, plans)
+    atomic_write(out / f"{suite}.csv", _csv(rows, cols))
     lines = [f"# Results: {suite} suite (`make reproduce SUITE={suite}`)", "",
              f"Protocol of gancore's columns: **{protocol}** ({rows[0]['protocol'] if rows else 'none measured'}; "
              "each run's MLflow tag `gancore.protocol.*` holds the extractor's weights sha256, the counts and the "
              "reference split). The report columns are the reports' Inception FID/IS, a different protocol: "
-             "compare within a column, not across.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    lines += [f"| {p.preset} | " + " | ".join(["open"] * (len(COLUMNS) - 1)) + " |" for p in plans
+             "compare within a column, not across."]
+    if final:
+        lines += ["", f"`{cols[-3][1]}` / `{cols[-2][1]}`: the best checkpoint (by the protocol's FID) measured at "
+                  f"the end with the {final} extractor (`--final {final}`), at step `{cols[-1][1]}`."]
+    lines += ["", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c, _ in cols) + " |" for r in rows]
+    lines += [f"| {p.preset} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in plans
               if p.preset not in done]
     atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
     if rows:
         _figure(rows, out / f"{suite}_fid.png", protocol)
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _columns(final: str | None, plans: list[Plan]) -> list[tuple[str, str]]:
+    """(row key, header) of the table; the final columns are headed by their metric (fid_inception_10k ...)."""
+    cols = [(c, c) for c in COLUMNS]
+    if final and plans:
+        key = final_key(plans[0], final)
+        cols += [("final_fid", key), ("final_kid", "kid_" + key[len("fid_"):]), ("final_step", key + "_step")]
+    return cols
+
+
+def _csv(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+    w = csv.writer(buf)
+    w.writerow([h for _, h in cols])
+    w.writerows([["" if r.get(c) is None else r[c] for c, _ in cols] for r in rows])
     return buf.getvalue()
 
 

@@ -20,7 +20,7 @@ from gancore.io import data_root
 from gancore.errors import MetricsError
 from gancore.metrics import extractors
 from gancore.metrics.classifier import FOR_DATASET, ensure_classifier, load_classifier, prepare
-from gancore.metrics.fidelity import features, real_images, sampled_batches
+from gancore.metrics.fidelity import eval_batch, features, real_images, sampled_batches
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -57,8 +57,9 @@ def tsne_plot(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: 
     name = extractors.resolve(cfg, extractor, channels=x_real.shape[1])
     fe, _ = extractors.load(name, cfg, device)
     layer, _ = extractors.layers(fe)
-    real = features(fe, iter(x_real.split(cfg.eval.batch_size)), len(x_real), device)[layer]
-    gen = features(fe, sampled_batches(sample_uint8, n, cfg.eval.batch_size), n, device)[layer]
+    batch = eval_batch(cfg, device)
+    real = features(fe, iter(x_real.split(batch)), len(x_real), device)[layer]
+    gen = features(fe, sampled_batches(sample_uint8, n, batch), n, device)[layer]
     return tsne_figure(real.numpy(), gen.numpy(), path, f"t-SNE of {name} features: {cfg.data.name}", seed)
 
 
@@ -95,10 +96,11 @@ def class_accuracy(sample_with_labels: Callable[[torch.Tensor], torch.Tensor], c
     net = load_classifier(extractor, ensure_classifier(extractor, device), device)
     k = cfg.model.num_classes
     acc = []
+    batch = eval_batch(cfg, device)
     for c in range(k):
         right = 0
-        for lo in range(0, n_per_class, cfg.eval.batch_size):
-            b = min(cfg.eval.batch_size, n_per_class - lo)
+        for lo in range(0, n_per_class, batch):
+            b = min(batch, n_per_class - lo)
             y = torch.full((b,), c, dtype=torch.long, device=device)
             x = sample_with_labels(y)
             if x.dtype != torch.uint8 or len(x) != b:
