@@ -39,7 +39,7 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 clean-runs:  ## delete local runs and the MLflow store (asks first)
 	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true
 
-# `make reproduce SUITE=mnist|cifar10|families|all`: every experiment of the suite trained (or reused) and evaluated
+# `make reproduce SUITE=mnist|cifar10|families|bests|all`: every experiment of the suite trained (or reused) and evaluated
 # under one protocol -> results/<suite>.md/.csv/_fid.png; run again to continue. REPRO_ARGS="--epochs 3" is the
 # reduced budget, "--dry-run" the plan and its estimated time, "--protocol inception" the Inception FID.
 SUITE ?= mnist

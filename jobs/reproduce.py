@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce a suite of reference experiments: `python jobs/reproduce.py mnist|cifar10|families|all [--epochs N]`.
+"""Reproduce a suite of reference experiments: `python jobs/reproduce.py mnist|cifar10|families|bests|all [--epochs N]`.
 
 Trains every experiment of the suite (or reuses its finished run), evaluates all of them under one protocol
 (`--protocol domain`: the dataset's own classifier, fast on a CPU; `inception`: the FID Inception), and writes

@@ -155,13 +155,15 @@ def test_every_sweep_file_loads(sweep):
 def test_every_report_preset_has_its_reports_values():
     """configs/<preset>.yaml against the settings of the report it reproduces (gancore/experiments/reports.py)."""
     from gancore.config import to_dict
-    from gancore.experiments.reports import REPORT_SETTINGS, REPORTED
+    from gancore.experiments.reports import GOAL_SETTINGS, GOALS, REPORT_SETTINGS, REPORTED
 
-    assert set(REPORTED) == set(REPORT_SETTINGS)
-    for preset, want in REPORT_SETTINGS.items():
+    assert set(REPORTED) == set(REPORT_SETTINGS) and set(GOALS) == set(GOAL_SETTINGS)
+    assert set(GOALS) == {"mnist_dcgan_plus", "cifar10_sndcgan", "cifar10_cgan_plus"}  # #17's three
+    assert [GOALS[p].fid for p in ("mnist_dcgan_plus", "cifar10_sndcgan", "cifar10_cgan_plus")] == [5.0, 15.0, 9.0]
+    for preset, want in {**REPORT_SETTINGS, **GOAL_SETTINGS}.items():
         flat = {f"{s}.{k}": v for s, d in to_dict(load_config(ROOT / "configs" / f"{preset}.yaml")).items()
                 if isinstance(d, dict) for k, v in d.items()}
         wrong = {k: (flat.get(k), v) for k, v in want.items() if flat.get(k) != v}
-        assert not wrong, f"{preset}: (preset, report) {wrong}"
+        assert not wrong, f"{preset}: (preset, report or goal) {wrong}"
     # the latent ablation is nz 50 and 200 (the report's), no longer 32 and 256
     assert not (ROOT / "configs" / "cifar10_dcgan_nz32.yaml").exists()

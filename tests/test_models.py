@@ -22,6 +22,10 @@ CASES = [
     ("dcgan", (3, 32, 32), ["model.kernel=5", "model.upsample=nearest", "model.spectral_norm=true", "loss.name=lsgan"]),
     ("dcgan", (3, 64, 64), ["loss.name=hinge"]),
     ("dcgan", (1, 32, 32), ["model.kernel=5"]),
+    ("sndcgan", (3, 32, 32), ["model.spectral_norm=true", "model.batchnorm=g", "loss.name=hinge"]),
+    ("sndcgan", (3, 32, 32), ["model.spectral_norm=true", "model.batchnorm=g", "loss.name=hinge",
+                              "model.conditional=true"]),
+    ("sndcgan", (1, 16, 16), ["model.batchnorm=both", "model.conditional=true"]),
 ]
 
 
@@ -80,6 +84,56 @@ def test_spectral_norm_bounds_top_singular_value():
         D(torch.randn(2, 3, 32, 32))
     sigma = torch.linalg.matrix_norm(lin.weight.detach(), ord=2).item()
     assert sigma == pytest.approx(1.0, rel=0.05)
+
+
+def _sndcgan(*over):
+    cfg = load_config(None, ["model.arch=sndcgan", "model.spectral_norm=true", "model.batchnorm=g", *over])
+    return MODELS["sndcgan"](cfg.model, (3, 32, 32), 10)
+
+
+def test_sndcgan_matches_the_standard_cnn_layout():
+    """Miyato et al. 2018, table 3 (CIFAR-10): G 512x4x4 -> ConvT 256, 128, 64 -> Conv3x3 3; D Conv3x3 64, 4x4/2 64,
+    3x3 128, 4x4/2 128, 3x3 256, 4x4/2 256, 3x3 512 -> global sum -> Linear 1; spectral norm on every D layer."""
+    nets = _sndcgan()
+    G, D = nets["G"], nets["D"]
+    assert G.fc.out_features == 512 * 4 * 4
+    assert [(m.in_channels, m.out_channels) for m in G.ups] == [(512, 256), (256, 128), (128, 64)]
+    assert [m.affine for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)] == [True] * 3
+    convs = [m for m in D.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == [
+        (64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 4, 2), (256, 3, 1), (256, 4, 2), (512, 3, 1)]
+    assert all(hasattr(m, "parametrizations") for m in [*convs, D.head])  # spectral norm
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules()) and D.embed is None
+
+
+def test_projection_discriminator_adds_the_class_embedding_inner_product():
+    """D(x, y) = w . h(x) + b + <embed(y), h(x)>, h = sum over H, W of the last features: checked by hand."""
+    torch.manual_seed(0)
+    D = _sndcgan("model.conditional=true")["D"].eval()  # eval: the spectral-norm power iteration holds still
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        h = D.features(x).sum(dim=(2, 3))
+        expect = h @ D.head.weight.T + D.head.bias + (D.embed.weight[y] * h).sum(1, keepdim=True)
+        assert torch.allclose(D(x, y), expect, atol=1e-5)
+        other = D(x, torch.tensor([1, 1, 1]))
+    assert not torch.allclose(D(x, y), other)  # the class matters
+
+
+def test_class_batchnorm_uses_the_class_gain_and_bias():
+    from gancore.models.sngan import ClassBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = ClassBatchNorm2d(4, 3)
+    with torch.no_grad():
+        bn.gain.weight.copy_(torch.arange(12.0).view(3, 4))
+        bn.bias.weight.copy_(-torch.arange(12.0).view(3, 4))
+    x, y = torch.randn(6, 4, 5, 5), torch.tensor([0, 1, 2, 2, 1, 0])
+    normed = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    out = bn(x, y)
+    for i, c in enumerate(y.tolist()):
+        g, b = torch.arange(4.0) + 4 * c, -(torch.arange(4.0) + 4 * c)
+        assert torch.allclose(out[i], normed[i] * g[:, None, None] + b[:, None, None], atol=1e-4)
+    assert _sndcgan("model.conditional=true")["G"].norms[0].gain.weight.eq(1).all()  # starts as plain BatchNorm
 
 
 def test_bad_image_size_for_dcgan():

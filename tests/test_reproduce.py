@@ -58,6 +58,7 @@ def test_tables_are_read_back_from_mlflow_and_finished_runs_are_reused(tmp_path,
     assert float(table[0]["report_fid"]) == 40.65 and table[1]["report_fid"] == ""  # the report's own column
     md = (tmp_path / "results" / "mnist.md").read_text()
     assert "Protocol of gancore's columns: **domain**" in md and table[0]["run_id"] in md
+    assert "- mnist_dcgan_plus: fid_inception_10k <= 5 (beats Lucic et al." in md  # its goal, named
     assert (tmp_path / "results" / "mnist_fid.png").stat().st_size > 5000
 
     # run again: nothing is trained, no MLflow run is added, the same rows come back

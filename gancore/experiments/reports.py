@@ -2,7 +2,8 @@
 
 `REPORTED` is the one place the published numbers live (results tables put gancore's numbers beside them);
 `REPORT_SETTINGS` is what tests/test_config.py asserts of every report preset, so a preset cannot drift from
-its report unnoticed. The reports measured Inception FID/IS; their protocol is named in `PROTOCOL`.
+its report unnoticed. The reports measured Inception FID/IS; their protocol is named in `PROTOCOL`. `GOALS`: the
+presets meant to beat the best published numbers, each with its target, its protocol and what it beats.
 """
 
 from __future__ import annotations
@@ -56,4 +57,29 @@ REPORT_SETTINGS: dict[str, dict[str, object]] = {
     "cifar10_wgan_gp": {**{k: v for k, v in _CIFAR_BASE.items() if not k.startswith(("optim.", "loss.name"))},
                         "loss.name": "wgan_gp", "optim.d_iters": 5,
                         "model.batchnorm": "g"},
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    fid: float  # gancore's target (at most)
+    protocol: str  # the metric it is measured with
+    beats: str  # the published best numbers, each under this protocol
+
+
+GOALS: dict[str, Goal] = {
+    "mnist_dcgan_plus": Goal(5.0, "fid_inception_10k", "Lucic et al. 2018, best over a large search: NS-GAN 6.8, "
+                             "WGAN 6.7"),
+    "cifar10_sndcgan": Goal(15.0, "fid_inception_50k vs the train set", "StudioGAN SNDCGAN 15.66, DCGAN 48.29, "
+                            "WGAN-GP 36.84; pytorch-gan-collections CNN SNGAN 17.81, CNN WGAN-GP 19.83"),
+    "cifar10_cgan_plus": Goal(9.0, "fid_inception_50k vs the train set", "StudioGAN SNGAN (projection D) 9.01"),
+}
+# what a goal preset must keep (tests/test_config.py): the ingredients its header gives as the reasons
+GOAL_SETTINGS: dict[str, dict[str, object]] = {
+    "mnist_dcgan_plus": {**REPORT_SETTINGS["mnist_dcgan"], "train.ema_decay": 0.999, "eval.every": 937},
+    "cifar10_sndcgan": {"data.name": "cifar10", "model.arch": "sndcgan", "model.spectral_norm": True,
+                        "model.batchnorm": "g", "loss.name": "hinge", "optim.d_iters": 2, "optim.batch_size": 64,
+                        "train.max_steps": 100000, "train.ema_decay": 0.999, "model.conditional": False},
+    "cifar10_cgan_plus": {"data.name": "cifar10", "model.arch": "sndcgan", "model.spectral_norm": True,
+                          "loss.name": "hinge", "train.max_steps": 100000, "model.conditional": True},
 }

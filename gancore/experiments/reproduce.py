@@ -22,7 +22,7 @@ from typing import Any
 
 from gancore.config import Config, load_config, replace, to_dict
 from gancore.errors import ConfigError
-from gancore.experiments.reports import REPORTED
+from gancore.experiments.reports import GOALS, REPORTED
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES: dict[str, tuple[str, ...]] = {
@@ -31,8 +31,11 @@ SUITES: dict[str, tuple[str, ...]] = {
                 "cifar10_dcgan_bn_d", "cifar10_dcgan_smooth", "cifar10_dcgan_tanh", "cifar10_dcgan_lrelu",
                 "cifar10_cgan", "cifar10_wgan_gp"),
     "families": ("mnist_mlp_gan", "mnist_vae", "mnist_ddpm_tiny"),
+    # the presets meant to beat the best published numbers (reports.GOALS; sized for a GPU)
+    "bests": ("mnist_dcgan_plus", "cifar10_sndcgan", "cifar10_cgan_plus"),
 }
-SUITES["all"] = tuple(dict.fromkeys(p for s in ("mnist", "cifar10", "families") for p in SUITES[s]))
+SUITES["all"] = tuple(dict.fromkeys(p for s in ("mnist", "cifar10", "families", "bests") for p in SUITES[s]))
+EVALS = 40  # evaluations per run at most (at epoch ends): every epoch for short runs, every k epochs for long ones
 # protocol name -> the extractor per dataset ("domain": the dataset's classifier; "inception": the FID Inception)
 PROTOCOLS = ("domain", "inception")
 COLUMNS = ["experiment", "report_fid", "report_is", "fid_best", "fid_best_step", "fid_last", "is_last", "kid_last",
@@ -70,13 +73,14 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
     out = []
     for preset in SUITES[suite]:
         path = ROOT / "configs" / f"{preset}.yaml"
-        base = load_config(path, list(overrides))
+        budget = [f"train.epochs={epochs}"] if epochs is not None else []
+        base = load_config(path, [*budget, *overrides])
         per_epoch = steps_per_epoch(base)
+        total = base.train.max_steps or base.train.epochs * per_epoch
+        every = per_epoch * math.ceil(total / EVALS / per_epoch)  # every epoch, or every k epochs: <= EVALS of them
         extractor = "inception" if protocol == "inception" else FOR_DATASET[base.data.name]
-        over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={per_epoch}",
-                "eval.metrics=[fid,kid,is]", f"name={preset}"]
-        if epochs is not None:
-            over.append(f"train.epochs={epochs}")
+        over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={every}",
+                "eval.metrics=[fid,kid,is]", f"name={preset}", *budget]
         cfg = load_config(path, [*over, *overrides])
         steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         out.append(Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps))
@@ -220,6 +224,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: st
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c, _ in cols) + " |" for r in rows]
     lines += [f"| {p.preset} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in plans
               if p.preset not in done]
+    goals = [f"- {p.preset}: {GOALS[p.preset].protocol} <= {GOALS[p.preset].fid:g} (beats {GOALS[p.preset].beats})"
+             for p in plans if p.preset in GOALS]
+    if goals:
+        lines += ["", "Goals (gancore/experiments/reports.py), each under its own protocol:", *goals]
     atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
     if rows:
         _figure(rows, out / f"{suite}_fid.png", protocol)
