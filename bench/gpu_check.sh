@@ -4,10 +4,14 @@
 # has its own timeout, so a slow part cannot eat the rest); writes logs and JSON under $OUT (default /tmp/gancore-gpu).
 # `timeout -k`: a training run takes SIGTERM as "checkpoint and stop", so KILL follows 10 s later.
 #
-#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh [PART ...]     # default: all, 1 to 5
+#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh [PART ...]     # default: 1 to 5
+#   GANCORE_DATA=/path/with/mnist.npz bash bench/gpu_check.sh 6               # a second call: #17's GPU rows
 #
 # Parts, most important first (timeouts sum to 555 s): 1 GPU tests (120 s), 2 the 100-epoch preset + final FID
-# (150 s), 3 the speed table (150 s), 4 K trials per GPU (90 s), 5 vmapped ensembles (45 s).
+# (150 s), 3 the speed table (150 s), 4 K trials per GPU (90 s), 5 vmapped ensembles (45 s). Part 6 (300 s, its own
+# call): the goal preset mnist_dcgan_plus at its full budget. Parts 2 and 6 put their best checkpoints in $OUT as
+# sampling-only files (jobs/slim.py, a few MB), so the Inception FID is computed back on a CPU:
+#   python jobs/eval.py OUT/mnist_dcgan_plus_best.pt --extractor inception -n 10000
 #
 # Needs torch (CUDA), accelerate, numpy, scipy, pyyaml, rich, matplotlib, h5py and pytest; tracking is off, so MLflow
 # and Optuna are not needed. The device machine of this workplace has all of these in its own python3. Prepare the
@@ -18,7 +22,7 @@ cd "$(dirname "$0")/.."
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(1 2 3 4 5)
 for p in "${PARTS[@]}"; do
-    case $p in [1-5]) ;; *) echo "error: unknown part '$p'; parts are 1-5 (bash bench/gpu_check.sh [PART ...])" >&2; exit 2;; esac
+    case $p in [1-6]) ;; *) echo "error: unknown part '$p'; parts are 1-6 (bash bench/gpu_check.sh [PART ...])" >&2; exit 2;; esac
 done
 OUT=${OUT:-/tmp/gancore-gpu}
 mkdir -p "$OUT"
@@ -54,6 +58,20 @@ part2() {
     tail -5 "$OUT/full.log"
     $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
         "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/full.log"
+    $PY jobs/slim.py /tmp/gancore-full "$OUT/mnist_dcgan_best.pt" | tee -a "$OUT/full.log"
+}
+
+part6() {
+    echo "== 6. #17's GPU row: mnist_dcgan_plus (EMA, domain FID every epoch, best checkpoint kept), full budget"
+    local start=$EPOCHREALTIME rc
+    timeout -k 10 300 $PY jobs/train.py --config configs/mnist_dcgan_plus.yaml train.compile=cudagraph \
+        track.enabled=false train.progress=false train.checkpoint_every=10000 --out /tmp/gancore-plus \
+        > "$OUT/plus.log" 2>&1
+    rc=$?
+    tail -5 "$OUT/plus.log"
+    $PY -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.1f} s, exit {sys.argv[3]}')" \
+        "$start" "$EPOCHREALTIME" "$rc" | tee -a "$OUT/plus.log"
+    $PY jobs/slim.py /tmp/gancore-plus "$OUT/mnist_dcgan_plus_best.pt" | tee -a "$OUT/plus.log"
 }
 
 part3() {

@@ -144,6 +144,34 @@ def test_generate_png_npz_h5(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(pngs[3])), z["x"][3, 0])
 
 
+def test_sampling_only_checkpoint_samples_the_same_and_cannot_be_resumed(tmp_path):
+    """jobs/slim.py: generator + EMA only (a fraction of the size), the same images as the full checkpoint, a clear
+    refusal to resume from it, and bad input that writes nothing."""
+    from gancore.generate import generate
+
+    r = fit(tiny("train.ema_decay=0.9"), out=tmp_path / "r")
+    full = ckpt.latest(r.run_dir)
+    slim = tmp_path / "slim.pt"
+    cmd = [sys.executable, str(ROOT / "jobs" / "slim.py")]
+    p = subprocess.run([*cmd, str(r.run_dir), str(slim)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    s = ckpt.load(slim)
+    assert s["sampling_only"] and set(s["networks"]) == {"G"} and "optimizers" not in s and s["ema"] is not None
+    assert s["step"] == ckpt.load(full)["step"] and slim.stat().st_size < full.stat().st_size / 2
+    a = np.load(generate(str(full), 20, tmp_path / "a.npz", seed=3, device="cpu"))["x"]
+    b = np.load(generate(str(slim), 20, tmp_path / "b.npz", seed=3, device="cpu"))["x"]
+    np.testing.assert_array_equal(a, b)  # the EMA generator, bit for bit
+    with pytest.raises(CheckpointError, match="sampling-only checkpoint .* cannot be resumed"):
+        fit(tiny("train.ema_decay=0.9"), out=tmp_path / "r2", resume=str(slim))
+    before = slim.read_bytes()
+    for args, msg in [([str(r.run_dir), str(slim)], "already exists"),
+                      ([str(r.run_dir), str(tmp_path / "a.npz" / "x.pt")], "is not a folder"),
+                      ([str(tmp_path / "a.npz"), str(tmp_path / "c.pt")], "not a gancore checkpoint")]:
+        p = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert slim.read_bytes() == before and not (tmp_path / "c.pt").exists()
+
+
 def test_train_cli_stop_and_resume(tmp_path):
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            "data.subset=64", "optim.batch_size=32", "train.epochs=2", "train.progress=false", "track.enabled=false",

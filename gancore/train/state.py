@@ -363,6 +363,9 @@ class RunState:
                         ", ".join(str(p) for p in unreadable), ", ".join(f"{p.name}.corrupt" for p in unreadable),
                         used, int(state["step"]))
         path = used
+        if state.get("sampling_only"):
+            raise CheckpointError(f"{path} is a sampling-only checkpoint (generator and EMA, written by jobs/slim.py) "
+                                  "and cannot be resumed; resume from the full checkpoint it was made from")
         diffs = resume_differences(state["config"], cfg)
         if diffs:
             raise CheckpointError(f"{path} was trained with other hyper-parameters ({'; '.join(diffs)}); "
@@ -392,6 +395,19 @@ class RunState:
         return run
 
 
+def sampling_only(state: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint that sampling and evaluation read: the generator's weights (and its EMA), config,
+    shapes, step and run id; no discriminator, optimiser, RNG or loader state (it cannot be resumed). What a GPU
+    machine sends back so that the Inception FID can be computed elsewhere (jobs/slim.py)."""
+    cfg = from_dict(state["config"])
+    family = build_family(cfg, tuple(state["image_shape"]), int(state["num_classes"]))
+    g = family.generator_name
+    if g not in state["networks"]:
+        raise CheckpointError(f"the checkpoint has no generator {g!r}; pass a checkpoint written by gancore")
+    keep = ("version", "step", "run_id", "config", "image_shape", "num_classes", "ema", "best")
+    return {**{k: state.get(k) for k in keep}, "networks": {g: state["networks"][g]}, "sampling_only": True}
+
+
 def load_family(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, Config, dict]:
     """A trained family (networks and EMA restored, eval mode) from a checkpoint file or a run dir."""
     path = Path(path)
@@ -404,7 +420,10 @@ def load_family(path: str | Path, device: str | torch.device = "cpu") -> tuple[F
     cfg = from_dict(state["config"])
     family = build_family(cfg, tuple(state["image_shape"]), int(state["num_classes"]))
     for k, net in family.networks.items():
-        net.load_state_dict(state["networks"][k])
+        if k in state["networks"]:
+            net.load_state_dict(state["networks"][k])
+        elif not state.get("sampling_only"):  # a sampling-only checkpoint leaves out what sampling does not use
+            raise CheckpointError(f"{path} has no weights for network {k!r}; pass a checkpoint written by gancore")
         net.to(device).eval()
     if state.get("ema") is not None:
         family.ema = EMA(family.networks[family.generator_name], cfg.train.ema_decay)

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Write a sampling-only copy of a checkpoint: `python jobs/slim.py CKPT_OR_RUN_DIR OUT.pt`.
+
+Keeps the generator's weights, its EMA, the config and the step; leaves out the discriminator, the optimisers and
+the RNG/loader state, so the file is a fraction of the size (what a GPU machine sends back). jobs/eval.py and
+jobs/generate.py read it like any checkpoint; it cannot be resumed. A run directory gives its best-FID checkpoint
+(else its latest). Exit codes: 0 done, 2 bad input (missing or corrupt checkpoint, OUT is a folder or exists).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _cli import Parser, run
+
+
+def main() -> int:
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a checkpoint file or a run directory (its best.pt, else its latest)")
+    ap.add_argument("out", help="the file to write (.pt); an existing file is not overwritten")
+    args = ap.parse_args()
+
+    from gancore.errors import ConfigError
+    from gancore.evaluation import checkpoint_file
+    from gancore.io import atomic_write
+    from gancore.train import state as ckpt
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; pass a new file name (nothing was written)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent} is not a folder; create it first (nothing was written)")
+    src = checkpoint_file(args.checkpoint)
+    slim = ckpt.sampling_only(ckpt.load(src))
+    import torch
+
+    atomic_write(out, lambda fh: torch.save(slim, fh))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, step {slim['step']}) from {src} "
+          f"({src.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
