@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=positive_int, help="reduced budget: train every experiment this many epochs")
     ap.add_argument("--final", choices=PROTOCOLS[1:], help="also measure each best checkpoint with this extractor "
                     "at the end (inception: about 35 min per 10k images on a 2-core CPU)")
+    ap.add_argument("--seeds", help="comma-separated train.seed values: every experiment once per seed, with a "
+                    "mean ± sd row per experiment (default: once, the preset's seed)")
     ap.add_argument("--n-samples", type=positive_int, default=10000, help="generated images per evaluation (10000)")
     ap.add_argument("--out", type=out_dir, default=Path("results"), help="where the tables go (results/)")
     ap.add_argument("--runs", type=out_dir, default=Path("runs/reproduce"), help="where the runs go (runs/reproduce/)")
@@ -36,14 +38,17 @@ def main() -> int:
     quiet_third_party()
     from gancore.experiments import reproduce as rp
 
-    plans = rp.plan(args.suite, args.protocol, args.epochs, args.n_samples, tuple(args.overrides), args.runs)
+    from gancore.cluster.runs import parse_seeds
+
+    seeds = tuple(parse_seeds(args.seeds)) if args.seeds else None
+    plans = rp.plan(args.suite, args.protocol, args.epochs, args.n_samples, tuple(args.overrides), args.runs, seeds)
     if args.dry_run:
         total = 0.0
         for p in plans:
             state = "reuse" if rp.finished_run(p) else "train"
             secs = 0.0 if state == "reuse" else rp.estimate_seconds(p)
             total += secs
-            print(f"{p.preset:24s} {state:5s} {p.steps:>7d} steps  ~{secs / 60:7.1f} min  {p.run_dir}")
+            print(f"{p.label:34s} {state:5s} {p.steps:>7d} steps  ~{secs / 60:7.1f} min  {p.run_dir}")
         print(f"estimated training time on this device: {total / 3600:.1f} h (evaluations come on top)")
         return 0
     rows, complete = rp.reproduce(plans, args.out, args.suite, args.protocol, final=args.final)

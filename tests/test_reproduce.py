@@ -70,6 +70,33 @@ def test_tables_are_read_back_from_mlflow_and_finished_runs_are_reused(tmp_path,
     assert len(_all_runs(client)) == 2
 
 
+def test_seeds_give_one_row_each_and_a_mean_row(tmp_path):
+    """--seeds 0,1: each experiment once per seed (distinct runs, the seed in MLflow), plus mean ± sd per preset;
+    seed 0 is the same experiment (same run dir) as the preset run without --seeds."""
+    import statistics
+
+    from gancore.errors import ConfigError
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    kw = dict(epochs=1, n_samples=100, overrides=(*SMALL, f"track.uri={uri}"), runs_root=tmp_path / "runs")
+    plans = [p for p in rp.plan("mnist", "domain", seeds=(0, 1), **kw) if p.preset == "mnist_dcgan"]
+    assert [p.label for p in plans] == ["mnist_dcgan (seed 0)", "mnist_dcgan (seed 1)"]
+    assert plans[0].run_dir == rp.plan("mnist", "domain", **kw)[0].run_dir != plans[1].run_dir
+    rows, complete = rp.reproduce(plans, tmp_path / "results", "mnist", "domain", progress=lambda m: None)
+    assert complete
+    client = _client(uri)
+    assert [client.get_run(r["run_id"]).data.params["train.seed"] for r in rows] == ["0", "1"]
+    fids = [r["fid_best"] for r in rows]
+    assert fids[0] != fids[1]  # two different trainings
+    md = (tmp_path / "results" / "mnist.md").read_text()
+    mean_row = next(line for line in md.splitlines() if line.startswith("| mnist_dcgan (mean of 2 seeds) |"))
+    assert f"| {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f} |" in mean_row
+    with open(tmp_path / "results" / "mnist.csv") as f:
+        assert [r["experiment"] for r in csv.DictReader(f)] == ["mnist_dcgan (seed 0)", "mnist_dcgan (seed 1)"]
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        rp.plan("mnist", "domain", seeds=(1, 1), **kw)
+
+
 @needs_inception
 def test_final_inception_columns_measure_the_best_checkpoint_once(tmp_path, monkeypatch):
     """`--final inception`: the best (domain-FID) checkpoint gets an Inception FID at the end, logged into its run

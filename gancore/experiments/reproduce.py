@@ -50,6 +50,10 @@ class Plan:
     cfg: Config
     run_dir: Path
     steps: int
+    label: str = ""  # the table's experiment name: the preset, with its seed when the suite runs several
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.preset
 
 
 def _digest(cfg: Config) -> str:
@@ -61,13 +65,17 @@ def _digest(cfg: Config) -> str:
 
 
 def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samples: int = 10000,
-         overrides: tuple[str, ...] = (), runs_root: Path = Path("runs/reproduce")) -> list[Plan]:
+         overrides: tuple[str, ...] = (), runs_root: Path = Path("runs/reproduce"),
+         seeds: tuple[int, ...] | None = None) -> list[Plan]:
     """The experiments of `suite`, each resolved with the protocol's eval settings (and `epochs`, the reduced-budget
-    flag); `overrides` go last (tests shrink the runs with them)."""
+    flag); `overrides` go last (tests shrink the runs with them). `seeds`: each experiment once per seed
+    (train.seed), labelled "<preset> (seed s)"; None: once, with the preset's own seed."""
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
     from gancore.metrics.classifier import FOR_DATASET  # the dataset's own domain extractor
 
     out = []
@@ -81,9 +89,11 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
         extractor = "inception" if protocol == "inception" else FOR_DATASET[base.data.name]
         over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={every}",
                 "eval.metrics=[fid,kid,is]", f"name={preset}", *budget]
-        cfg = load_config(path, [*over, *overrides])
-        steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
-        out.append(Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps))
+        for seed in seeds if seeds is not None else (None,):
+            cfg = load_config(path, [*over, *([] if seed is None else [f"train.seed={seed}"]), *overrides])
+            steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+            label = preset if seed is None else f"{preset} (seed {seed})"
+            out.append(Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps, label))
     return out
 
 
@@ -125,16 +135,16 @@ def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str, progress:
     for i, p in enumerate(plans, 1):
         run_id = finished_run(p)
         if run_id:
-            progress(f"[{i}/{len(plans)}] {p.preset}: finished run {run_id} reused ({p.run_dir})")
+            progress(f"[{i}/{len(plans)}] {p.label}: finished run {run_id} reused ({p.run_dir})")
             continue
-        progress(f"[{i}/{len(plans)}] {p.preset}: training {p.steps} steps in {p.run_dir}")
+        progress(f"[{i}/{len(plans)}] {p.label}: training {p.steps} steps in {p.run_dir}")
         r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.reproduce": suite})
         if r.status != "finished":
             complete = False
             break
     if complete and final:
         for i, p in enumerate(plans, 1):
-            final_eval(p, final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.preset}: {m}"))
+            final_eval(p, final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.label}: {m}"))
     rows = [table_row(p, run_id, protocol, final) for p in plans if (run_id := finished_run(p))]
     write_tables(rows, Path(out), suite, protocol, plans, final)
     return rows, complete
@@ -185,7 +195,7 @@ def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> 
         extra = {"final_fid": last.value if last else None, "final_step": last.step if last else None,
                  "final_kid": metric("kid_" + key[len("fid_"):]), "final_protocol": key}
     return {**extra,
-        "experiment": p.preset, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
+        "experiment": p.label, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
         "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
         "fid_last": hist[-1].value if hist else None, "is_last": metric(f"is_{suffix}"),
         "kid_last": next((v for k, v in run.data.metrics.items() if k.startswith("kid_")), None),
@@ -222,15 +232,41 @@ def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: st
                   f"the end with the {final} extractor (`--final {final}`), at step `{cols[-1][1]}`."]
     lines += ["", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c, _ in cols) + " |" for r in rows]
-    lines += [f"| {p.preset} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in plans
-              if p.preset not in done]
-    goals = [f"- {p.preset}: {GOALS[p.preset].protocol} <= {GOALS[p.preset].fid:g} (beats {GOALS[p.preset].beats})"
-             for p in plans if p.preset in GOALS]
+    lines += [f"| {p.label} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in plans
+              if p.label not in done]
+    lines += ["| " + " | ".join(r.get(c, "") for c, _ in cols) + " |" for r in seed_means(rows, plans, cols)]
+    goals = [f"- {k}: {GOALS[k].protocol} <= {GOALS[k].fid:g} (beats {GOALS[k].beats})"
+             for k in dict.fromkeys(p.preset for p in plans) if k in GOALS]
     if goals:
         lines += ["", "Goals (gancore/experiments/reports.py), each under its own protocol:", *goals]
     atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
     if rows:
         _figure(rows, out / f"{suite}_fid.png", protocol)
+
+
+MEANS = ("fid_best", "fid_last", "is_last", "kid_last", "final_fid", "final_kid", "wall_min")
+
+
+def seed_means(rows: list[dict[str, Any]], plans: list[Plan], cols: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """One "<preset> (mean of k seeds)" row per preset run with several seeds: mean ± sample sd of every measured
+    column (a column some seeds lack stays "-"), as text for the markdown table."""
+    import statistics
+
+    by_label = {r["experiment"]: r for r in rows}
+    out = []
+    for preset in dict.fromkeys(p.preset for p in plans):
+        runs = [by_label[p.label] for p in plans if p.preset == preset and p.label != p.preset and p.label in by_label]
+        if len(runs) < 2:
+            continue
+        row = {c: "-" for c, _ in cols}
+        row["experiment"] = f"{preset} (mean of {len(runs)} seeds)"
+        for c in MEANS:
+            vals = [r.get(c) for r in runs]
+            if all(isinstance(v, float) and math.isfinite(v) for v in vals):
+                row[c] = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        row["protocol"], row["steps"] = runs[0]["protocol"], str(runs[0]["steps"])
+        out.append(row)
+    return out
 
 
 def _columns(final: str | None, plans: list[Plan]) -> list[tuple[str, str]]:
