@@ -135,6 +135,16 @@ CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("reproduce-bad-override", _nothing, ["jobs/reproduce.py", "mnist", "--dry-run", "optim.lr_g=0"],
      "optim.lr_g=0.0 is out of range"),
     ("reproduce-bad-protocol", _nothing, ["jobs/reproduce.py", "mnist", "--protocol", "fid"], "--protocol"),
+    ("reproduce-bad-seeds", _nothing, ["jobs/reproduce.py", "mnist", "--dry-run", "--seeds", "0,x"], "--seeds"),
+    ("reproduce-same-seeds", _nothing, ["jobs/reproduce.py", "mnist", "--dry-run", "--seeds", "1,1"], "distinct seeds"),
+    ("reproduce-bad-final", _nothing, ["jobs/reproduce.py", "mnist", "--final", "lenet"], "--final"),
+    ("reproduce-final-is-protocol", _nothing, ["jobs/reproduce.py", "mnist", "--protocol", "inception", "--final",
+                                               "inception", "--epochs", "1", "--runs", "r"], "protocol's own extractor"),
+    # slim
+    ("slim-missing", _nothing, ["jobs/slim.py", "nothere.pt", "o.pt"], "not found"),
+    ("slim-corrupt", _file("c.pt"), ["jobs/slim.py", "c.pt", "o.pt"], "not a gancore checkpoint"),
+    ("slim-out-exists", _file("o.pt"), ["jobs/slim.py", "c.pt", "o.pt"], "already exists"),
+    ("slim-no-args", _nothing, ["jobs/slim.py"], "required"),
     # anomaly_table
     ("anomaly-digits-out-of-range", _nothing, ["jobs/anomaly_table.py", "--digits", "0-10"], "digits go from 0 to 9"),
     ("anomaly-digits-word", _nothing, ["jobs/anomaly_table.py", "--digits", "all"], "--digits"),
