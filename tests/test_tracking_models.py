@@ -166,6 +166,14 @@ def test_compare_shows_differing_params_and_both_metric_columns(store, capsys, m
     assert rows["Loss/G"] == [f"{ma['Loss/G']:.6g}", f"{mb['Loss/G']:.6g}"]
 
 
+def test_compare_takes_the_runs_tables_short_ids(store, capsys, monkeypatch):
+    """The runs table shows 8 characters of each id; --compare takes them (and any unique prefix)."""
+    a, b = store["a"], store["b"]
+    code, full = _runs_cli(["--compare", a.run_id, b.run_id, "--uri", store["uri"]], capsys, monkeypatch)
+    code2, short = _runs_cli(["--compare", a.run_id[:8], b.run_id[:6], "--uri", store["uri"]], capsys, monkeypatch)
+    assert code == code2 == 0 and short.out == full.out
+
+
 def test_compare_unknown_run_is_one_line_exit_2(store, capsys, monkeypatch):
     code, out = _runs_cli(["--compare", store["a"].run_id, "feedbeef", "--uri", store["uri"]], capsys, monkeypatch)
     assert code == 2

@@ -124,8 +124,8 @@ def compare_runs(run_a: str, run_b: str, uri: str | None = None) -> dict[str, An
     """What differs between two runs: {"runs": (info A, info B), "params": {key: (A, B)} for params whose values
     differ (None: the run lacks it), "metrics": {key: (last A, last B)} for every metric either run has}."""
     client, uri = existing_client(uri)
-    runs = [get_run(client, r, uri, f"no MLflow run {r!r} in {uri}; list runs with: python jobs/runs.py --uri {uri}")
-            for r in (run_a, run_b)]
+    runs = [get_run(client, r, uri, f"no MLflow run {r!r} in {uri}; list runs with: python jobs/runs.py --uri {uri}",
+                    prefix=True) for r in (run_a, run_b)]
     pa, pb = (dict(r.data.params) for r in runs)
     ma, mb = (dict(r.data.metrics) for r in runs)
     params = {k: (pa.get(k), pb.get(k)) for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}

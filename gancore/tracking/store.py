@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import getpass
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -157,14 +158,26 @@ def existing_client(uri: str | None) -> tuple[Any, str]:
     return mlflow_client(uri), uri
 
 
-def get_run(client: Any, run_id: str, uri: str, missing: str | None = None) -> Any:
-    """The run `run_id`, or a one-line TrackingError (`missing`, else a default) when the store has no such run."""
+def get_run(client: Any, run_id: str, uri: str, missing: str | None = None, prefix: bool = False) -> Any:
+    """The run `run_id` (`prefix`: or the one run whose id starts with it, as the runs table shows 8 characters), or
+    a one-line TrackingError (`missing`, else a default) when the store has no such run or the prefix is ambiguous."""
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise TrackingError(missing or f"MLflow run {run_id!r} not found in {uri}") from None
+        pass
+    if prefix and re.fullmatch(r"[0-9a-f]{4,31}", run_id):  # a prefix: look through the store's runs
+        exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        found = [r for r in client.search_runs(exps, run_view_type=ViewType.ALL, max_results=50000)
+                 if r.info.run_id.startswith(run_id)] if exps else []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise TrackingError(f"run id prefix {run_id!r} matches {len(found)} runs in {uri} "
+                                f"({', '.join(r.info.run_id[:12] for r in found[:3])} ...); give more characters")
+    raise TrackingError(missing or f"MLflow run {run_id!r} not found in {uri}") from None
 
 
 def open_run_info(run_id: str, uri: str | None = None) -> dict[str, Any]:
