@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort", default=None, help="order by a metric's last value, ascending; --sort=-NAME descends")
     p.add_argument("--limit", type=positive_int, default=20, help="at most this many runs (default: 20)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
-                   help="two run ids (or unique prefixes, e.g. the table's 8 characters): the params that differ and every metric's last value, side by side")
+                   help="two run ids (or unique prefixes, e.g. the table's 8 characters): the params that differ "
+                   "and every metric's last value, side by side")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     args = p.parse_args(argv)
 
