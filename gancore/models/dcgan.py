@@ -13,7 +13,7 @@ from torch import nn
 
 from gancore.config import ModelConfig
 from gancore.errors import ConfigError
-from gancore.models.layers import LabelMap, act, dcgan_init, maybe_sn
+from gancore.models.layers import LabelMap, act, dcgan_pair, maybe_sn
 from gancore.registry import MODELS
 
 
@@ -75,9 +75,7 @@ def build_dcgan_mnist(m: ModelConfig, image_shape: tuple[int, int, int], num_cla
     nc = num_classes if m.conditional else 0
     G = MNISTGenerator(m.nz, image_shape[0], m.batchnorm in ("both", "g"), m.g_act, nc, m.embed_dim)
     D = MNISTDiscriminator(image_shape, m.batchnorm in ("both", "d"), m.d_act, m.spectral_norm, nc)
-    G.apply(dcgan_init)
-    D.apply(dcgan_init)
-    return {"G": G, "D": D}
+    return dcgan_pair(G, D)
 
 
 def _up(cin: int, cout: int, k: int, mode: str) -> nn.Module:
@@ -149,7 +147,4 @@ class DCGANDiscriminator(nn.Module):
 @MODELS.register("dcgan")
 def build_dcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
     nc = num_classes if m.conditional else 0
-    G, D = DCGANGenerator(m, image_shape, nc), DCGANDiscriminator(m, image_shape, nc)
-    G.apply(dcgan_init)
-    D.apply(dcgan_init)
-    return {"G": G, "D": D}
+    return dcgan_pair(DCGANGenerator(m, image_shape, nc), DCGANDiscriminator(m, image_shape, nc))

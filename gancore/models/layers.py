@@ -29,6 +29,13 @@ def dcgan_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def dcgan_pair(G: nn.Module, D: nn.Module) -> dict[str, nn.Module]:
+    """A GAN builder's result: {"G": G, "D": D}, both with the DCGAN init."""
+    G.apply(dcgan_init)
+    D.apply(dcgan_init)
+    return {"G": G, "D": D}
+
+
 class LabelMap(nn.Module):
     """Class label -> one extra (B, 1, H, W) input plane for a conditional discriminator."""
 

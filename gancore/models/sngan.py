@@ -18,7 +18,7 @@ from torch import nn
 
 from gancore.config import ModelConfig
 from gancore.models.dcgan import _bn2d, _n_stages
-from gancore.models.layers import act, dcgan_init, maybe_sn
+from gancore.models.layers import act, dcgan_pair, maybe_sn
 from gancore.registry import MODELS
 
 
@@ -91,7 +91,4 @@ class SNDCGANDiscriminator(nn.Module):
 @MODELS.register("sndcgan")
 def build_sndcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
     nc = num_classes if m.conditional else 0
-    G, D = SNDCGANGenerator(m, image_shape, nc), SNDCGANDiscriminator(m, image_shape, nc)
-    G.apply(dcgan_init)
-    D.apply(dcgan_init)
-    return {"G": G, "D": D}
+    return dcgan_pair(SNDCGANGenerator(m, image_shape, nc), SNDCGANDiscriminator(m, image_shape, nc))
