@@ -60,6 +60,10 @@ def test_tables_are_read_back_from_mlflow_and_finished_runs_are_reused(tmp_path,
     assert "Protocol of gancore's columns: **domain**" in md and table[0]["run_id"] in md
     assert "- mnist_dcgan_plus: fid_inception_10k <= 5 (beats Lucic et al." in md  # its goal, named
     assert (tmp_path / "results" / "mnist_fid.png").stat().st_size > 5000
+    from PIL import Image
+
+    grids = Image.open(tmp_path / "results" / "mnist_grids.png")  # both runs' last sample grids, side by side
+    assert grids.size[0] > grids.size[1] > 200
 
     # run again: nothing is trained, no MLflow run is added, the same rows come back
     import gancore.train.loop

@@ -203,6 +203,7 @@ def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> 
         "wall_min": (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None,
         "device": run.data.tags.get("gancore.device", "?"), "run_id": run_id,
         "history": [(m.step, m.value) for m in hist],
+        "run_dir": p.run_dir,
     }
 
 
@@ -242,6 +243,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: st
     atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
     if rows:
         _figure(rows, out / f"{suite}_fid.png", protocol)
+        _grids(rows, out / f"{suite}_grids.png")
 
 
 MEANS = ("fid_best", "fid_last", "is_last", "kid_last", "final_fid", "final_kid", "wall_min")
@@ -304,6 +306,30 @@ def _figure(rows: list[dict[str, Any]], path: Path, protocol: str) -> None:
     ax.set_yscale("log")
     ax.set_title(f"FID vs step ({protocol} protocol)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _grids(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every experiment's last fixed-noise sample grid (its run dir's newest samples/step_*.png), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    found = [(r["experiment"], g[-1]) for r in rows if (g := sorted((Path(r["run_dir"]) / "samples").glob("step_*.png")))]
+    if not found:
+        return
+    cols = min(4, len(found))
+    nrows = math.ceil(len(found) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, png) in zip(axes.flat, found):
+        ax.imshow(Image.open(png).convert("RGB"))
+        ax.set_title(f"{label}\nstep {int(png.stem[5:])}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
