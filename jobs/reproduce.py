@@ -36,9 +36,8 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides for every experiment")
     args = ap.parse_intermixed_args()  # overrides may follow the options
     quiet_third_party()
-    from gancore.experiments import reproduce as rp
-
     from gancore.cluster.runs import parse_seeds
+    from gancore.experiments import reproduce as rp
 
     seeds = tuple(parse_seeds(args.seeds)) if args.seeds else None
     plans = rp.plan(args.suite, args.protocol, args.epochs, args.n_samples, tuple(args.overrides), args.runs, seeds)
@@ -50,6 +49,10 @@ def main() -> int:
             total += secs
             print(f"{p.label:34s} {state:5s} {p.steps:>7d} steps  ~{secs / 60:7.1f} min  {p.run_dir}")
         print(f"estimated training time on this device: {total / 3600:.1f} h (evaluations come on top)")
+        if args.final:
+            secs = rp.estimate_final_seconds(plans, args.final)
+            print(f"--final {args.final}: ~{secs / 60:.0f} min more for {len(plans)} evaluation(s) of "
+                  f"{args.n_samples} images and the real statistics (measured here on a short probe)")
         return 0
     rows, complete = rp.reproduce(plans, args.out, args.suite, args.protocol, final=args.final)
     print(f"{len(rows)}/{len(plans)} experiments in {Path(args.out) / (args.suite + '.md')}")

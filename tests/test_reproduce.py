@@ -132,6 +132,11 @@ def test_final_inception_columns_measure_the_best_checkpoint_once(tmp_path, monk
     md = (tmp_path / "results" / "mnist.md").read_text()
     assert "| fid_inception_40 | kid_inception_40 | fid_inception_40_step |" in md
 
+    assert rp.estimate_final_seconds(plans, "inception") == 0.0  # nothing left to measure
+    fresh = rp.plan("mnist", "domain", epochs=1, n_samples=40, overrides=(*SMALL, f"track.uri={uri}"),
+                    runs_root=tmp_path / "runs")
+    assert 0 < rp.estimate_final_seconds(fresh, "inception") < 120  # 80 generated images; real statistics cached
+
     import gancore.evaluation
 
     monkeypatch.setattr(gancore.evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("measured twice"))

@@ -161,12 +161,10 @@ def final_eval(p: Plan, final: str, progress: Any = print) -> None:
     checkpoint's step, protocol-stamped); skipped when the run already has it. Interrupted, it continues from its
     cached feature chunks (gancore.evaluation)."""
     from gancore.evaluation import evaluate_checkpoint
-    from gancore.tracking.store import existing_client
 
     run_id = finished_run(p)
-    client, _ = existing_client(p.cfg.track.uri)
     key = final_key(p, final)
-    if key in client.get_run(run_id).data.metrics:
+    if key in _metrics(p, run_id):
         progress(f"{key} already measured (run {run_id})")
         return
     progress(f"{key} of the best checkpoint ({p.run_dir})")
@@ -347,3 +345,39 @@ def estimate_seconds(p: Plan, probe_steps: int = 6) -> float:
     with tempfile.TemporaryDirectory() as d:
         r = fit(probe, out=Path(d) / "probe")
     return r.loop_seconds / max(1, r.steps_run) * p.steps
+
+
+def estimate_final_seconds(plans: list[Plan], final: str, probe: int = 50) -> float:
+    """Time of the `--final` evaluations still to do, from the extractor's speed on `probe` images here: the
+    generated images of each plan without the metric, plus the real statistics once per dataset (cached after)."""
+    import time
+
+    import torch
+
+    from gancore.metrics import extractors
+    from gancore.metrics.fidelity import eval_batch, features, real_images, stats_path
+
+    todo = [p for p in plans if not ((run := finished_run(p)) and final_key(p, final) in _metrics(p, run))]
+    if not todo:
+        return 0.0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = todo[0].cfg
+    fe, fe_id = extractors.load(final, cfg, dev)
+    x = real_images(cfg, probe)
+    batch = eval_batch(cfg, dev)
+    features(fe, iter(x[:batch].split(batch)), min(batch, len(x)), dev)  # warm-up
+    t = time.perf_counter()
+    features(fe, iter(x.split(batch)), len(x), dev)
+    per_image = (time.perf_counter() - t) / len(x)
+    images = sum(p.cfg.eval.n_samples for p in todo)
+    for p in {p.cfg.data.name: p for p in sorted(todo, key=lambda p: p.cfg.eval.n_samples)}.values():
+        x_real = real_images(p.cfg, p.cfg.eval.n_samples)  # per dataset, the largest count; unless cached
+        images += 0 if stats_path(p.cfg, final, fe_id, x_real).is_file() else len(x_real)
+    return per_image * images
+
+
+def _metrics(p: Plan, run_id: str) -> dict[str, float]:
+    from gancore.tracking.store import existing_client
+
+    client, _ = existing_client(p.cfg.track.uri)
+    return client.get_run(run_id).data.metrics
