@@ -72,6 +72,37 @@ def _sampler(x: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_numbers_do_not_depend_on_the_extractor_batch_size(env):
+    """A sampler that draws random latents per call (as a generator does) is always asked for the same blocks, so
+    eval.batch_size (25 on a CPU, 250 on a GPU by default) changes the speed, not the FID."""
+    from gancore.metrics import evaluate
+    from gancore.metrics.fidelity import SAMPLE_BLOCK
+
+    test_x = _mnist("test")
+
+    def noisy_digits():  # b -> b test digits picked by a seeded generator, plus noise: draws depend on b
+        g = torch.Generator().manual_seed(5)
+        calls = []
+
+        def sample(b: int) -> torch.Tensor:
+            calls.append(b)
+            idx = torch.randint(0, len(test_x), (b,), generator=g)
+            noise = torch.randint(-40, 41, test_x[idx].shape, generator=g)
+            return (test_x[idx].int() + noise).clamp(0, 255).to(torch.uint8)
+
+        return sample, calls
+
+    out = {}
+    for batch in (7, 100, 600):
+        sample, calls = noisy_digits()
+        out[batch] = evaluate(_cfg(f"eval.batch_size={batch}", "eval.extractor=lenet_mnist"), sample, "cpu", n=600,
+                              metrics=("fid", "kid"))
+        assert calls == [SAMPLE_BLOCK, SAMPLE_BLOCK, 600 - 2 * SAMPLE_BLOCK]
+    assert out[7]["fid_lenet_600"] == pytest.approx(out[100]["fid_lenet_600"], rel=1e-5)
+    assert out[600]["fid_lenet_600"] == pytest.approx(out[100]["fid_lenet_600"], rel=1e-5)
+    assert out[7]["kid_lenet_600"] == pytest.approx(out[600]["kid_lenet_600"], rel=1e-4)
+
+
 def test_frechet_distance_closed_form():
     """Gaussians with commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: FD = |mu1-mu2|^2 + sum (sqrt a - sqrt b)^2."""
     from gancore.metrics import frechet_distance

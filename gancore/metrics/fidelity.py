@@ -88,6 +88,7 @@ def features(fe: FeatureExtractorBase, batches: Iterator[torch.Tensor], total: i
 
 
 CHUNK = 1000  # generated images per cached chunk of features (an interrupted evaluation loses at most one chunk)
+SAMPLE_BLOCK = 250  # generated images per sampler call: fixes the latents whatever the extractor's batch size
 
 
 def chunked_features(fe: FeatureExtractorBase, chunk_sampler: Callable[[int], Callable[[int], torch.Tensor]],
@@ -121,14 +122,16 @@ def chunked_features(fe: FeatureExtractorBase, chunk_sampler: Callable[[int], Ca
 
 
 def sampled_batches(sample_uint8: Callable[[int], torch.Tensor], n: int, batch: int) -> Iterator[torch.Tensor]:
-    """n generated images from the sampler, in batches of at most `batch`, checked for count and dtype."""
-    for lo in range(0, n, batch):
-        b = min(batch, n - lo)
+    """n generated images from the sampler, in batches of at most `batch`, checked for count and dtype. The sampler
+    is always asked for SAMPLE_BLOCK images at a time, whatever `batch` is: the latents it draws (and so the
+    numbers) do not depend on the extractor's batch size, which differs between a CPU and a GPU."""
+    for lo in range(0, n, SAMPLE_BLOCK):
+        b = min(SAMPLE_BLOCK, n - lo)
         x = sample_uint8(b)
         if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4 or len(x) != b:
             got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
             raise MetricsError(f"sample_uint8({b}) must return uint8 ({b}, C, H, W); got {got}")
-        yield x
+        yield from x.split(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     feat_layer, is_layer = extractors.layers(fe)
     if resumable is not None:
         chunk_sampler, folder = resumable
-        key = hashlib.sha1(f"{fe_id}|{n}|{CHUNK}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{fe_id}|{n}|{CHUNK}|{SAMPLE_BLOCK}".encode()).hexdigest()[:16]
         gen = chunked_features(fe, chunk_sampler, n, eval_batch(cfg, device), device, Path(folder) / key, progress)
     else:
         gen = features(fe, sampled_batches(sample_uint8, n, eval_batch(cfg, device)), n, device, "generated", progress)
