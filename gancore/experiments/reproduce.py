@@ -78,7 +78,7 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds, e.g. 0,1,2")
     from gancore.metrics.classifier import FOR_DATASET  # the dataset's own domain extractor
 
-    out = []
+    out: list[tuple[int, Plan]] = []
     for preset in SUITES[suite]:
         path = ROOT / "configs" / f"{preset}.yaml"
         budget = [f"train.epochs={epochs}"] if epochs is not None else []
@@ -89,12 +89,13 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
         extractor = "inception" if protocol == "inception" else FOR_DATASET[base.data.name]
         over = [f"eval.extractor={extractor}", f"eval.n_samples={n_samples}", f"eval.every={every}",
                 "eval.metrics=[fid,kid,is]", f"name={preset}", *budget]
-        for seed in seeds if seeds is not None else (None,):
+        for k, seed in enumerate(seeds if seeds is not None else (None,)):
             cfg = load_config(path, [*over, *([] if seed is None else [f"train.seed={seed}"]), *overrides])
             steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
             label = preset if seed is None else f"{preset} (seed {seed})"
-            out.append(Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps, label))
-    return out
+            out.append((k, Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps, label)))
+    # seed-major (stable): an interrupted multi-seed suite has whole seeds of every preset first
+    return [p for _, p in sorted(out, key=lambda kp: kp[0])]
 
 
 def steps_per_epoch(cfg: Config) -> int:
