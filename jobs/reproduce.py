@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--protocol", choices=PROTOCOLS, default="domain", help="the extractor every number is measured with")
     ap.add_argument("--epochs", type=positive_int, help="reduced budget: train every experiment this many epochs")
     ap.add_argument("--final", choices=PROTOCOLS[1:], help="also measure each best checkpoint with this extractor "
-                    "at the end (inception: about 35 min per 10k images on a 2-core CPU)")
+                    "at the end (inception: about 15 min per 10k images on a 2-core CPU)")
     ap.add_argument("--seeds", help="comma-separated train.seed values: every experiment once per seed, with a "
                     "mean ± sd row per experiment (default: once, the preset's seed)")
     ap.add_argument("--n-samples", type=positive_int, default=10000, help="generated images per evaluation (10000)")

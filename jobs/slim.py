@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _cli import Parser, run
+from _cli import Parser, out_file, run
 
 
 def main() -> int:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a checkpoint file or a run directory (its best.pt, else its latest)")
-    ap.add_argument("out", help="the file to write (.pt); an existing file is not overwritten")
+    ap.add_argument("out", type=out_file, help="the file to write (.pt); an existing file is not overwritten")
     args = ap.parse_args()
 
     from gancore.errors import ConfigError
@@ -28,8 +28,6 @@ def main() -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"{out} already exists; pass a new file name (nothing was written)")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent} is not a folder; create it first (nothing was written)")
     src = checkpoint_file(args.checkpoint)
     slim = ckpt.sampling_only(ckpt.load(src))
     import torch

@@ -165,7 +165,7 @@ def test_sampling_only_checkpoint_samples_the_same_and_cannot_be_resumed(tmp_pat
         fit(tiny("train.ema_decay=0.9"), out=tmp_path / "r2", resume=str(slim))
     before = slim.read_bytes()
     for args, msg in [([str(r.run_dir), str(slim)], "already exists"),
-                      ([str(r.run_dir), str(tmp_path / "a.npz" / "x.pt")], "is not a folder"),
+                      ([str(r.run_dir), str(tmp_path / "a.npz" / "x.pt")], "is a file, not a folder"),
                       ([str(tmp_path / "a.npz"), str(tmp_path / "c.pt")], "not a gancore checkpoint")]:
         p = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

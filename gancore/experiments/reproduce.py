@@ -145,25 +145,24 @@ def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str, progress:
             break
     if complete and final:
         for i, p in enumerate(plans, 1):
-            final_eval(p, final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.label}: {m}"))
+            final_eval(p, finished_run(p), final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.label}: {m}"))
     rows = [table_row(p, run_id, protocol, final) for p in plans if (run_id := finished_run(p))]
     write_tables(rows, Path(out), suite, protocol, plans, final)
     return rows, complete
 
 
-def final_key(p: Plan, final: str) -> str:
+def final_key(p: Plan, final: str, metric: str = "fid") -> str:
     from gancore.metrics.fidelity import metric_key
 
-    return metric_key("fid", final, p.cfg.eval.n_samples)
+    return metric_key(metric, final, p.cfg.eval.n_samples)
 
 
-def final_eval(p: Plan, final: str, progress: Any = print) -> None:
+def final_eval(p: Plan, run_id: str, final: str, progress: Any = print) -> None:
     """`final`-extractor FID/KID of the finished run's best checkpoint, logged into its MLflow run (at that
     checkpoint's step, protocol-stamped); skipped when the run already has it. Interrupted, it continues from its
     cached feature chunks (gancore.evaluation)."""
     from gancore.evaluation import evaluate_checkpoint
 
-    run_id = finished_run(p)
     key = final_key(p, final)
     if key in _metrics(p, run_id):
         progress(f"{key} already measured (run {run_id})")
@@ -192,7 +191,7 @@ def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> 
         key = final_key(p, final)
         last = max(client.get_metric_history(run_id, key), key=lambda m: m.step, default=None)
         extra = {"final_fid": last.value if last else None, "final_step": last.step if last else None,
-                 "final_kid": metric("kid_" + key[len("fid_"):]), "final_protocol": key}
+                 "final_kid": metric(final_key(p, final, "kid"))}
     return {**extra,
         "experiment": p.label, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
         "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
@@ -275,7 +274,7 @@ def _columns(final: str | None, plans: list[Plan]) -> list[tuple[str, str]]:
     cols = [(c, c) for c in COLUMNS]
     if final and plans:
         key = final_key(plans[0], final)
-        cols += [("final_fid", key), ("final_kid", "kid_" + key[len("fid_"):]), ("final_step", key + "_step")]
+        cols += [("final_fid", key), ("final_kid", final_key(plans[0], final, "kid")), ("final_step", key + "_step")]
     return cols
 
 

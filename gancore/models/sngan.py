@@ -46,10 +46,9 @@ class SNDCGANGenerator(nn.Module):
         self.fc = nn.Linear(m.nz, self.c0 * 16)
         self.ups = nn.ModuleList()
         self.norms = nn.ModuleList()
-        ch = self.c0
+        ch, bn = self.c0, m.batchnorm in ("both", "g")
         for _ in range(n):  # (B, ch, s, s) -> (B, ch/2, 2s, 2s)
             self.ups.append(nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1))
-            bn = m.batchnorm in ("both", "g")
             self.norms.append(ClassBatchNorm2d(ch // 2, num_classes) if num_classes and bn
                               else nn.Sequential(*_bn2d(ch // 2, bn)))
             ch //= 2

@@ -399,9 +399,7 @@ def sampling_only(state: dict[str, Any]) -> dict[str, Any]:
     """The part of a checkpoint that sampling and evaluation read: the generator's weights (and its EMA), config,
     shapes, step and run id; no discriminator, optimiser, RNG or loader state (it cannot be resumed). What a GPU
     machine sends back so that the Inception FID can be computed elsewhere (jobs/slim.py)."""
-    cfg = from_dict(state["config"])
-    family = build_family(cfg, tuple(state["image_shape"]), int(state["num_classes"]))
-    g = family.generator_name
+    g = FAMILIES[from_dict(state["config"]).family].generator_name  # a class attribute: nothing is built
     if g not in state["networks"]:
         raise CheckpointError(f"the checkpoint has no generator {g!r}; pass a checkpoint written by gancore")
     keep = ("version", "step", "run_id", "config", "image_shape", "num_classes", "ema", "best")
