@@ -196,7 +196,7 @@ def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> 
         "experiment": p.label, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
         "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
         "fid_last": hist[-1].value if hist else None, "is_last": metric(f"is_{suffix}"),
-        "kid_last": next((v for k, v in run.data.metrics.items() if k.startswith("kid_")), None),
+        "kid_last": metric(f"kid_{suffix}") if fid_key else None,
         "protocol": f"{protocol}: {fid_key}" if fid_key else protocol, "steps": p.steps,
         "wall_min": (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None,
         "device": run.data.tags.get("gancore.device", "?"), "run_id": run_id,
