@@ -144,7 +144,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
         from gancore.metrics import evaluate, protocol, protocol_tag
 
-        values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
+        with ckpt.isolated_rng():  # an extractor built or trained here draws nothing from the training's streams
+            values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
         if values and not stamped[0]:  # the protocol beside the numbers (gancore.metrics.protocol)
             tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None)))
             stamped[0] = True
@@ -207,12 +208,14 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             if epoch_end:
                 report.add_epoch(run.history, epoch, run.epoch_stats.read(reduce))
                 if is_main and (epoch in cfg.train.snapshot_epochs or step == total_steps):
-                    plots.save_grid(sample_grid(), run_dir / "snapshots" / f"epoch_{epoch:03d}.png")
-                    torch.save(gen_net.state_dict(), run_dir / "snapshots" / f"{family.generator_name}_epoch_{epoch:03d}.pt")
+                    with ckpt.isolated_rng():
+                        plots.save_grid(sample_grid(), run_dir / "snapshots" / f"epoch_{epoch:03d}.png")
+                        torch.save(gen_net.state_dict(), run_dir / "snapshots" / f"{family.generator_name}_epoch_{epoch:03d}.pt")
 
             # -- fixed-noise sample grid into the tracker, by step
             if is_main and (step % cfg.track.image_every == 0 or step == total_steps):
-                img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
+                with ckpt.isolated_rng():
+                    img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
                 tracker.log_image(img, key="samples", step=step)
 
             # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end

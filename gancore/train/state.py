@@ -22,6 +22,7 @@ set aside as <name>.corrupt and the resume falls back to the newest earlier one 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -217,6 +218,18 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Everything inside draws from the random streams and leaves them as they were (Python, NumPy, torch CPU and
+    CUDA): for work that runs only sometimes (evaluations, grids, snapshots, a lazily built extractor), so that
+    whether or when it ran never changes the training's numbers, and a resume stays bit-identical."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def _tuples(x: Any) -> Any:
