@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 GANCORE_DATA ?= $(if $(wildcard ../shared/data/mnist.npz),$(abspath ../shared/data),$(abspath data))
 export GANCORE_DATA
 CONFIG ?= configs/quickstart.yaml
+# ARGS: extra arguments for every target (train, reproduce, sweep); REPRO_ARGS / SWEEP_ARGS are deprecated aliases.
 ARGS ?=
 PORT ?= 5000
 
@@ -40,14 +41,14 @@ clean-runs:  ## delete local runs and the MLflow store (asks first)
 	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true
 
 # `make reproduce SUITE=mnist|cifar10|families|bests|all`: every experiment of the suite trained (or reused) and evaluated
-# under one protocol -> results/<suite>.md/.csv/_fid.png; run again to continue. REPRO_ARGS="--epochs 3" is the
+# under one protocol -> results/<suite>.md/.csv/_fid.png; run again to continue. ARGS="--epochs 3" is the
 # reduced budget, "--dry-run" the plan and its estimated time, "--protocol inception" the Inception FID.
 SUITE ?= mnist
 REPRO_ARGS ?=
 .PHONY: reproduce
 
-reproduce: $(STAMP)  ## reproduce a suite of reference experiments (SUITE=mnist REPRO_ARGS="--epochs 3")
-	$(PY) jobs/reproduce.py $(SUITE) $(REPRO_ARGS)
+reproduce: $(STAMP)  ## reproduce a suite of reference experiments (SUITE=mnist ARGS="--epochs 3")
+	$(PY) jobs/reproduce.py $(SUITE) $(REPRO_ARGS) $(ARGS)
 
 # `make sweep`: the Optuna study of sweeps/mnist_dcgan.yaml on local worker processes (sized for a GPU; the sweep
 # file's `workers: auto` = the measured best trials per GPU, bench/trials_per_device.py; WORKERS=n overrides);
@@ -58,8 +59,8 @@ SMOKE ?=
 SWEEP_ARGS ?=
 .PHONY: sweep
 
-sweep: $(STAMP)  ## Optuna sweep (SWEEP=file WORKERS=n SMOKE=1 SWEEP_ARGS="--storage URL --n-trials N")
-	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)
+sweep: $(STAMP)  ## Optuna sweep (SWEEP=file WORKERS=n SMOKE=1 ARGS="--storage URL --n-trials N")
+	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS) $(ARGS)
 
 # `make dashboard`: optuna-dashboard on the sweep's study storage (the sweep file's `storage:`, else its sqlite file
 # under the sweep dir; STORAGE=URL overrides), on 127.0.0.1:8080 (PORT=n). The study must exist: run the sweep first.
