@@ -3,7 +3,9 @@
 
 Trains every experiment of the suite (or reuses its finished run), evaluates all of them under one protocol
 (`--protocol domain`: the dataset's own classifier, fast on a CPU; `inception`: the FID Inception), and writes
-results/<suite>.md, results/<suite>.csv and results/<suite>_fid.png (FID vs step). Interrupt it and run the same
+results/<table>.md, .csv and _fid.png (FID vs step), where <table> is the suite with the budget and protocol when
+they are not the defaults (mnist, mnist_3ep, mnist_3ep_inception): a run never writes into a table of another budget
+or protocol, and rows of the table that it does not measure again are kept. Interrupt it and run the same
 command again: it continues. `--epochs N` is the reduced budget (every experiment trains N epochs);
 `--dry-run` prints the plan and its estimated training time on this device. `make reproduce SUITE=mnist`.
 Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal (rerun to continue).
@@ -54,8 +56,9 @@ def main() -> int:
             print(f"--final {args.final}: ~{secs / 60:.0f} min more for {len(plans)} evaluation(s) of "
                   f"{args.n_samples} images and the real statistics (measured here on a short probe)")
         return 0
-    rows, complete = rp.reproduce(plans, args.out, args.suite, args.protocol, final=args.final)
-    print(f"{len(rows)}/{len(plans)} experiments in {Path(args.out) / (args.suite + '.md')}")
+    name = rp.table_name(args.suite, args.protocol, args.epochs)  # one table per suite, budget and protocol
+    rows, complete = rp.reproduce(plans, args.out, args.suite, args.protocol, final=args.final, name=name)
+    print(f"{len(rows)}/{len(plans)} experiments in {Path(args.out) / (name + '.md')}")
     return 0 if complete else EXIT_STOPPED
 
 

@@ -179,5 +179,41 @@ def test_an_interrupted_suite_continues_where_it_stopped(tmp_path):
     runs = _all_runs(client)
     assert len(runs) == 2 and first_run in {r.info.run_id for r in runs}  # continued in the same MLflow run
     assert all(r.info.status == "FINISHED" for r in runs)
-    with open(tmp_path / "results" / "mnist.csv") as f:
+    with open(tmp_path / "results" / "mnist_3ep.csv") as f:  # --epochs 3: its own table (table_name)
         assert [r["experiment"] for r in csv.DictReader(f)] == ["mnist_dcgan", "mnist_dcgan_plus"]
+
+
+def test_tables_are_named_by_budget_and_protocol_and_keep_rows_measured_earlier(tmp_path):
+    """A table measured elsewhere (committed; its runs are not in this machine's MLflow store) survives a rerun that
+    measures nothing (an interrupted first experiment) and one that measures one of its rows again: the other row's
+    cells, its extra --final columns included, come back as they were."""
+    assert rp.table_name("mnist") == "mnist"
+    assert rp.table_name("mnist", "domain", 1) == "mnist_1ep" != rp.table_name("mnist", "domain", 3) == "mnist_3ep"
+    assert rp.table_name("mnist", "inception", 3) == "mnist_3ep_inception"
+    out = tmp_path / "results"
+    out.mkdir()
+    header = [*rp.COLUMNS, "fid_inception_10k", "kid_inception_10k", "fid_inception_10k_step"]
+    earlier = {"experiment": "mnist_dcgan", "report_fid": "40.65", "report_is": "4.85", "fid_best": "23.11108566957273",
+               "fid_best_step": "2811", "fid_last": "23.11108566957273", "is_last": "7.5", "kid_last": "196.6",
+               "protocol": "domain: fid_lenet_10k", "steps": "2811", "wall_min": "16.3", "device": "cpu",
+               "run_id": "acf53b3846844a8b8af8732a261e4075", "fid_inception_10k": "22.803810613235754",
+               "kid_inception_10k": "0.0172", "fid_inception_10k_step": "2811"}
+    with open(out / "mnist_3ep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerow(earlier)
+    plans = rp.plan("mnist", "domain", epochs=3, n_samples=200, overrides=SMALL, runs_root=tmp_path / "runs")
+    rp.write_tables([], out, "mnist", "domain", plans, name="mnist_3ep")  # stopped before anything finished
+    with open(out / "mnist_3ep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [earlier]
+    md = (out / "mnist_3ep.md").read_text()
+    assert "| mnist_dcgan | 40.65 | 4.85 | 23.11 | 2811 |" in md and "22.80" in md and "acf53b38" in md
+    assert "| mnist_dcgan_plus | open |" in md and "| mnist_dcgan | open" not in md
+    # measured again here: the new row replaces it (the plus row stays open)
+    new = {**{c: None for c in rp.COLUMNS}, "experiment": "mnist_dcgan", "fid_best": 19.5, "steps": 24, "protocol": "domain: fid_lenet_200",
+           "run_id": "0123456789abcdef", "history": [], "run_dir": tmp_path}
+    rp.write_tables([new], out, "mnist", "domain", plans, name="mnist_3ep")
+    with open(out / "mnist_3ep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["experiment"], r["fid_best"], r["run_id"]) for r in rows] == [("mnist_dcgan", "19.5", "0123456789abcdef")]

@@ -124,10 +124,18 @@ def finished_run(p: Plan) -> str | None:
     return run_id if client.get_run(run_id).info.status == "FINISHED" else None
 
 
+def table_name(suite: str, protocol: str = "domain", epochs: int | None = None) -> str:
+    """The tables' file name: one per suite, budget and protocol, so a run at another budget or protocol never
+    writes into a measured table. table_name("mnist") == "mnist"; table_name("mnist", "inception", 3) ==
+    "mnist_3ep_inception"."""
+    return suite + (f"_{epochs}ep" if epochs else "") + (f"_{protocol}" if protocol != PROTOCOLS[0] else "")
+
+
 def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str, progress: Any = print,
-              final: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+              final: str | None = None, name: str | None = None) -> tuple[list[dict[str, Any]], bool]:
     """Train (or reuse) every planned experiment, measure each best checkpoint with the `final` extractor when
-    given (once: a run that has the metric keeps it), then write the tables; returns (rows, complete)."""
+    given (once: a run that has the metric keeps it), then write the tables (`name`.md/.csv, default the suite;
+    rows measured earlier and not measured again here are kept); returns (rows, complete)."""
     from gancore.train.loop import fit
 
     if final and any(p.cfg.eval.extractor == final for p in plans):
@@ -147,7 +155,7 @@ def reproduce(plans: list[Plan], out: Path, suite: str, protocol: str, progress:
         for i, p in enumerate(plans, 1):
             final_eval(p, finished_run(p), final, lambda m, i=i: progress(f"[{i}/{len(plans)}] {p.label}: {m}"))
     rows = [table_row(p, run_id, protocol, final) for p in plans if (run_id := finished_run(p))]
-    write_tables(rows, Path(out), suite, protocol, plans, final)
+    write_tables(rows, Path(out), suite, protocol, plans, final, name=name)
     return rows, complete
 
 
@@ -211,16 +219,46 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def earlier_rows(path: Path, cols: list[tuple[str, str]], measured: set[str]) -> list[dict[str, Any]]:
+    """The rows of an existing table `path` (.csv) that this call does not measure again: a row measured earlier
+    (on another machine, or before an interruption) is never lost. Columns of that table that `cols` lacks (e.g. an
+    earlier `--final` column) are appended to `cols`, so no cell is dropped either."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        by_header = {h: c for c, h in cols}
+        cols += [(h, h) for h in reader.fieldnames or [] if h not in by_header]
+        by_header = {h: c for c, h in cols}
+        return [{by_header[h]: _value(v) for h, v in r.items() if h is not None} for r in reader
+                if r.get("experiment") not in measured]
+
+
+def _value(v: str) -> Any:
+    """A table cell read back: None (empty), int, float or text, as table_row made it."""
+    if v == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: str, plans: list[Plan],
-                 final: str | None = None) -> None:
-    """results/<suite>.csv, .md and _fid.png (atomic writes); open rows are listed as such."""
+                 final: str | None = None, name: str | None = None) -> None:
+    """results/<name>.csv, .md and _fid.png (atomic writes; name defaults to the suite); rows of the existing table
+    that are not measured here are kept (earlier_rows); open rows are listed as such."""
     from gancore.io import atomic_write
 
-    out = Path(out)
+    out, name = Path(out), name or suite
     out.mkdir(parents=True, exist_ok=True)
-    done = {r["experiment"] for r in rows}
     cols = _columns(final, plans)
-    atomic_write(out / f"{suite}.csv", _csv(rows, cols))
+    kept = earlier_rows(out / f"{name}.csv", cols, {r["experiment"] for r in rows})
+    measured, rows = rows, [*rows, *kept]
+    done = {r["experiment"] for r in rows}
+    atomic_write(out / f"{name}.csv", _csv(rows, cols))
     lines = [f"# Results: {suite} suite (`make reproduce SUITE={suite}`)", "",
              f"Protocol of gancore's columns: **{protocol}** ({rows[0]['protocol'] if rows else 'none measured'}; "
              "each run's MLflow tag `gancore.protocol.*` holds the extractor's weights sha256, the counts and the "
@@ -238,10 +276,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path, suite: str, protocol: st
              for k in dict.fromkeys(p.preset for p in plans) if k in GOALS]
     if goals:
         lines += ["", "Goals (gancore/experiments/reports.py), each under its own protocol:", *goals]
-    atomic_write(out / f"{suite}.md", "\n".join(lines) + "\n")
-    if rows:
-        _figure(rows, out / f"{suite}_fid.png", protocol)
-        _grids(rows, out / f"{suite}_grids.png")
+    atomic_write(out / f"{name}.md", "\n".join(lines) + "\n")
+    if measured:  # the figures need each run's MLflow history and sample grids: this machine's runs only
+        _figure(measured, out / f"{name}_fid.png", protocol)
+        _grids(measured, out / f"{name}_grids.png")
 
 
 MEANS = ("fid_best", "fid_last", "is_last", "kid_last", "final_fid", "final_kid", "wall_min")
