@@ -70,6 +70,10 @@ class LossConfig:
     label_smoothing: float = 1.0  # one-sided smoothing: target for real images (ablation: 0.9); 1.0 = off
     instance_noise: float = 0.0  # sigma of Gaussian noise on D inputs (MNIST report: 0.05); 0 = off
     gp_weight: float = 10.0  # WGAN-GP lambda
+    # zero-centred gradient penalties on D (Mescheder et al. 2018; R3GAN): r1 * 0.5 * E||grad_x D(x)||^2 on real
+    # images, r2 the same on generated ones; 0 = off. Any loss; one extra D forward/backward per penalty and D step
+    r1: float = 0.0
+    r2: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100  # passes over the (subset of the) data
     max_steps: int = 0  # stop after this many steps instead; 0 = as many as `epochs` give
+    # the budget in real images shown to D (Lucic et al. 2018: 1.0M on MNIST); steps = ceil(max_images / (batch x
+    # d_iters)), so the batch size and D steps change steps, not the budget (gancore/train/budget.py); 0 = off
+    max_images: int = 0
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
     ema_decay: float = 0.0  # generator EMA decay (e.g. 0.999); 0 = no EMA
@@ -120,6 +127,8 @@ class TrackConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = infra(0)  # steps between metric evaluations during training; 0 = only at the end if n > 0
+    # or: real images shown to D between evaluations (the budget protocol: 250000); the best one is kept (best.pt)
+    every_images: int = infra(0)
     n_samples: int = infra(0)  # generated samples per evaluation (10k protocol: 10000); 0 = no metrics
     # feature extractor: auto (inception if its weights file exists, else the dataset's domain classifier) |
     # inception | lenet_mnist | lenet_fashion_mnist | cifar_classifier; metric names say which was used
@@ -254,6 +263,8 @@ RANGES: dict[str, Range] = {
     "loss.label_smoothing": Range(0, 1, lo_open=True, note="1 = off"),
     "loss.instance_noise": Range(0, note="0 = off"),
     "loss.gp_weight": NON_NEGATIVE,
+    "loss.r1": Range(0, note="0 = off"),
+    "loss.r2": Range(0, note="0 = off"),
     "optim.lr_g": POSITIVE,
     "optim.lr_d": POSITIVE,
     "optim.beta1": FRACTION,
@@ -263,6 +274,7 @@ RANGES: dict[str, Range] = {
     "optim.d_iters": AT_LEAST_1,
     "train.epochs": AT_LEAST_1,
     "train.max_steps": Range(0, note="0 = as many as train.epochs give"),
+    "train.max_images": Range(0, note="0 = the budget is train.max_steps or train.epochs"),
     "train.seed": Range(0, 2**31 - 1),  # NumPy seeds must fit 32 bits; per-process offsets are added to it
     "train.ema_decay": Range(0, 1, hi_open=True, note="0 = no EMA"),
     "train.log_every": AT_LEAST_1,
@@ -273,6 +285,7 @@ RANGES: dict[str, Range] = {
     "train.grid_size": AT_LEAST_1,
     "track.image_every": AT_LEAST_1,
     "eval.every": Range(0, note="0 = only at the end"),
+    "eval.every_images": Range(0, note="0 = eval.every counts steps"),
     "eval.n_samples": Range(0, note="0 = no metrics"),
     "eval.batch_size": Range(0, note="0 = auto"),
     "vae.beta": NON_NEGATIVE,
@@ -425,6 +438,15 @@ def check_relations(cfg: Config) -> None:
         if lo > hi:
             raise ConfigError(f"train.loss_ranges: [{lo}, {hi}] starts after it ends; give [first_epoch, last_epoch] "
                               "pairs, e.g. [[1, 25], [26, 50]]")
+    if cfg.train.max_images and cfg.train.max_steps:
+        raise ConfigError(f"train.max_images={cfg.train.max_images} and train.max_steps={cfg.train.max_steps} both set "
+                          "the run's length; set one of them to 0")
+    if cfg.eval.every and cfg.eval.every_images:
+        raise ConfigError(f"eval.every={cfg.eval.every} and eval.every_images={cfg.eval.every_images} both set when to "
+                          "evaluate; set one of them to 0")
+    if cfg.eval.every_images > 0 and cfg.eval.n_samples == 0:
+        raise ConfigError(f"eval.every_images={cfg.eval.every_images} evaluates nothing while eval.n_samples=0; set "
+                          "eval.n_samples (e.g. 10000), or eval.every_images=0 to turn metrics off")
     if cfg.eval.every > 0 and cfg.eval.n_samples == 0:
         raise ConfigError(f"eval.every={cfg.eval.every} evaluates nothing while eval.n_samples=0; set eval.n_samples "
                           "(e.g. 10000), or eval.every=0 to turn metrics off")
@@ -551,5 +573,5 @@ def resume_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     """Hyper-parameters that differ between a checkpoint's config and `cfg` (run length may change)."""
     old = flat(from_dict(saved))
     new = flat(cfg)
-    allowed = {"train.epochs", "train.max_steps"}
+    allowed = {"train.epochs", "train.max_steps", "train.max_images"}
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k not in allowed and old.get(k) != new[k]]

@@ -99,6 +99,13 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: to
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
 
 
+def zero_centred_penalty(D: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """E ||grad_x D(x)||_2^2 at the given images (R1 on real ones, R2 on generated ones; Mescheder et al. 2018)."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_d(D, x, y).sum(), x, create_graph=True)
+    return grad.flatten(1).pow(2).sum(1).mean()
+
+
 @LOSSES.register("wgan_gp")
 class WassersteinGP(AdversarialLoss):
     """WGAN-GP: critic maximises D(x) - D(G(z)) with a gradient penalty (weight loss.gp_weight); no sigmoid."""

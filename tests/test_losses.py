@@ -109,3 +109,39 @@ def test_instance_noise_std():
 def test_registry_error_lists_known():
     with pytest.raises(RegistryError, match="unknown loss 'wgan'.*known: hinge, lsgan, nonsaturating, wgan_gp"):
         make_loss(LossConfig(name="wgan"))
+
+
+class Square(nn.Module):
+    """D(x) = sum_i x_i^2 / 2: grad_x D = x, so E||grad||^2 = mean over the batch of ||x||^2, by hand."""
+
+    def forward(self, x, y=None):
+        return 0.5 * x.flatten(1).pow(2).sum(1, keepdim=True)
+
+
+def test_zero_centred_penalty_by_hand():
+    from gancore.losses import zero_centred_penalty
+
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]]).view(2, 1, 1, 2)  # ||x||^2 = 5 and 10
+    assert zero_centred_penalty(Square(), x, None).item() == pytest.approx(7.5)
+
+
+def test_gan_family_adds_r1_on_real_and_r2_on_fake_images_by_hand():
+    from gancore.config import from_dict
+    from gancore.families.base import Batch
+    from gancore.families.gan import GAN
+
+    cfg = from_dict({"loss": {"r1": 2.0, "r2": 0.5}, "model": {"arch": "dcgan_mnist", "ngf": 8, "ndf": 8, "nz": 4}})
+    fam = GAN(cfg, (1, 28, 28), 10)
+    fam.networks["D"] = Square()
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 28, 28)
+    ctx: dict = {}
+    loss, stats = fam.d_loss(Batch(x, torch.zeros(3, dtype=torch.long)), ctx)
+    fake = ctx["fake"][0].detach()
+    base, _ = NonSaturating(cfg.loss).d_loss(Square(), x, fake)
+    r1 = x.flatten(1).pow(2).sum(1).mean()  # grad of Square at x is x
+    r2 = fake.flatten(1).pow(2).sum(1).mean()
+    assert stats["D/r1"].item() == pytest.approx(r1.item(), rel=1e-5)
+    assert stats["D/r2"].item() == pytest.approx(r2.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * 2.0 * r1.item() + 0.5 * 0.5 * r2.item(), rel=1e-5)
+    assert stats["Loss/D"].item() == pytest.approx(loss.item())

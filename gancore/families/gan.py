@@ -7,7 +7,7 @@ import torch
 
 from gancore.config import Config
 from gancore.families.base import Batch, Family, Phase, StepContext, eval_mode
-from gancore.losses import InstanceNoise, make_loss
+from gancore.losses import InstanceNoise, make_loss, zero_centred_penalty
 from gancore.registry import FAMILIES, MODELS
 
 
@@ -45,7 +45,14 @@ class GAN(Family):
         # does: one G forward per step; G's weights do not change during the D phase, so the graph stays valid)
         fake = G(z, y)
         step["fake"] = (fake, y)  # for this step's G phase
-        return self.loss.d_loss(D, self.noise(batch.x), self.noise(fake.detach()), y)
+        real, fake = self.noise(batch.x), self.noise(fake.detach())
+        loss, stats = self.loss.d_loss(D, real, fake, y)
+        for name, weight, x in (("r1", self.cfg.loss.r1, real), ("r2", self.cfg.loss.r2, fake)):
+            if weight > 0:  # zero-centred gradient penalties (loss.r1 / loss.r2), on the images D was shown
+                penalty = zero_centred_penalty(D, x, y)
+                loss = loss + 0.5 * weight * penalty
+                stats = {**stats, "Loss/D": loss.detach(), f"D/{name}": penalty.detach()}
+        return loss, stats
 
     def g_loss(self, batch: Batch, step: StepContext):
         D = self.networks["D"]

@@ -39,6 +39,20 @@ def _resume_point(trial: Any) -> Any | None:
     return resume
 
 
+def report_point(base: Any, step: int, images: int | None) -> tuple[int, bool]:
+    """The Optuna step an evaluation is reported at, and whether it is the trial's last evaluation.
+
+    A budget in steps (train.max_steps) reports steps. A budget in real images (train.max_images) reports the
+    scheduled multiple of eval.every_images the evaluation falls on (the budget at the end), so trials of any batch
+    size or D steps report at the same points."""
+    if not base.train.max_images:
+        return step, step == base.train.max_steps
+    every, total = base.eval.every_images, base.train.max_images
+    if images is None or images >= total:
+        return total, True
+    return (images // every) * every if every else images, False
+
+
 class Objective:
     """trial -> config -> fit(on_eval = report + prune) -> the objective metric of the last evaluation."""
 
@@ -49,16 +63,18 @@ class Objective:
         """The trainer's on_eval hook: report the objective at this step; raise TrialPruned when told to."""
         import optuna
 
-        def report(step: int, metrics: dict[str, float]) -> None:
+        def report(step: int, metrics: dict[str, float], images: int | None = None) -> None:
             child.attach()
             if self.sweep.objective not in metrics:
                 raise SweepError(f"objective {self.sweep.objective} is not among the reported metrics "
                                  f"({', '.join(sorted(metrics)) or 'none'}); fix `objective` in the sweep file")
             value = float(metrics[self.sweep.objective])
-            trial.report(value, step)
-            # the last evaluation ends the trial anyway: it completes with that value (known with max_steps only)
-            if step != self.sweep.base.train.max_steps and trial.should_prune():
-                raise optuna.TrialPruned(f"{self.sweep.objective} {value:.4g} at step {step}")
+            point, last = report_point(self.sweep.base, step, images)
+            trial.report(value, point)
+            # the last evaluation ends the trial anyway: it completes with that value (known with a fixed length only)
+            if not last and trial.should_prune():
+                unit = "images" if self.sweep.base.train.max_images else "step"
+                raise optuna.TrialPruned(f"{self.sweep.objective} {value:.4g} at {unit} {point}")
 
         return report
 
@@ -106,8 +122,11 @@ class Objective:
     def _value(self, trial: Any, child: ChildRun, result: Any) -> float:
         """The objective of a finished fit (a run resumed from its final checkpoint: the last reported one)."""
         value = result.metrics.get(self.sweep.objective)
-        if value is None and result.steps_run == 0:  # resumed from a final checkpoint: its last report counts
-            value = trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values.get(result.step)
+        reported = trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values
+        if value is None and result.steps_run == 0 and reported:  # resumed from a final checkpoint: its last report
+            value = reported[max(reported)]
+        if self.sweep.value == "best" and reported:  # the budget protocol: the best of the evaluations
+            value = min(v for v in [*reported.values(), value] if v is not None)
         if value is None:
             raise SweepError(f"objective {self.sweep.objective} not reported by trial {trial.number}; "
                              f"got {', '.join(sorted(result.metrics)) or 'no metrics'}")

@@ -65,6 +65,7 @@ class Sweep:
     out: Path = Path(DEFAULT_OUT)
     workers: int | str = "auto"  # default for --workers: a number, or auto (the measured best per device)
     slurm: dict[str, Any] = field(default_factory=dict)
+    value: str = "last"  # a trial's value: last (its last evaluation) | best (the best of its evaluations)
 
     @property
     def dir(self) -> Path:
@@ -76,8 +77,9 @@ class Sweep:
 
 
 # allowed keys per section: name -> (types, default); a type of None = any YAML value
-_TOP = {"study", "base", "overrides", "objective", "space", "budget", "sampler", "pruner", "storage", "out",
-        "workers", "slurm"}
+_TOP = {"study", "base", "overrides", "objective", "value", "space", "budget", "sampler", "pruner", "storage",
+        "out", "workers", "slurm"}
+VALUES = ("last", "best")
 _BUDGET = {"n_trials": (int, None), "timeout_s": ((int, float), None)}
 _SAMPLER = {"name": (str, "tpe"), "seed": (int, 0), "n_startup_trials": (int, 10), "multivariate": (bool, True),
             "constant_liar": (bool, True)}
@@ -243,9 +245,9 @@ def _search(path: Path, d: dict, base: Config) -> tuple[dict[str, Any], dict[str
     pruner = _section(d.get("pruner"), _PRUNER, f"{path}: pruner")
     if pruner["name"] not in PRUNERS:
         raise SweepError(f"{path}: pruner.name: {pruner['name']!r} is not one of {', '.join(PRUNERS)}")
-    if pruner["name"] != "none" and base.eval.every <= 0:
-        raise SweepError(f"{path}: pruner {pruner['name']} needs intermediate FIDs: set eval.every > 0 in overrides "
-                         "(or pruner: {name: none})")
+    if pruner["name"] != "none" and base.eval.every <= 0 and base.eval.every_images <= 0:
+        raise SweepError(f"{path}: pruner {pruner['name']} needs intermediate FIDs: set eval.every (steps) or "
+                         "eval.every_images > 0 in overrides (or pruner: {name: none})")
     return sampler, pruner
 
 
@@ -273,6 +275,10 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
                          f"got {objective!r}")
     if base.eval.n_samples <= 0:
         raise SweepError(f"{path}: the objective needs sample-quality evaluations: set eval.n_samples in overrides")
+    value = d.get("value", "last")
+    if value not in VALUES:
+        raise SweepError(f"{path}: value: {value!r} is not one of {', '.join(VALUES)} (best: the best of a trial's "
+                         "evaluations, the budget protocol's rule)")
 
     budget = _section(d.get("budget"), _BUDGET, f"{path}: budget")
     n_trials = n_trials if n_trials is not None else budget["n_trials"]
@@ -297,7 +303,7 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
                  n_trials=n_trials, timeout_s=float(timeout_s) if timeout_s else None, sampler=sampler,
                  pruner=pruner, storage=storage or st["url"], heartbeat_interval=st["heartbeat_interval"],
                  grace_period=st["grace_period"], max_retry=st["max_retry"], out=out_dir, workers=workers,
-                 slurm=slurm)
+                 slurm=slurm, value=value)
 
 
 def trial_config(sweep: Sweep, params: dict[str, Any], number: int | None = None) -> Config:
@@ -314,4 +320,5 @@ def definition(sweep: Sweep) -> dict[str, Any]:
     """What makes trials of one study comparable: hyper-parameters, evaluation protocol, space, objective."""
     protocol = {k: v for k, v in flat(sweep.base, include_infra=True).items() if k.startswith("eval.")}
     return {"base": {**flat(sweep.base), **protocol}, "objective": sweep.objective,
+            **({"value": sweep.value} if sweep.value != "last" else {}),
             "space": {p.name: dataclasses.asdict(p) for p in sweep.space}}

@@ -136,8 +136,10 @@ def _pruner(sweep: Sweep) -> Any:
         return optuna.pruners.MedianPruner(n_startup_trials=p["n_startup_trials"],
                                            n_warmup_steps=p["n_warmup_steps"], interval_steps=p["interval_steps"])
     if p["name"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p["min_resource"] or sweep.base.eval.every,
-                                              max_resource="auto", reduction_factor=p["reduction_factor"])
+        every = sweep.base.eval.every_images if sweep.base.train.max_images else sweep.base.eval.every
+        return optuna.pruners.HyperbandPruner(min_resource=p["min_resource"] or every,
+                                              max_resource=sweep.base.train.max_images or "auto",
+                                              reduction_factor=p["reduction_factor"])
     return optuna.pruners.NopPruner()
 
 

@@ -274,7 +274,8 @@ def local_contexts(sweep: Sweep, parent: str | None, n: int, stream: int) -> lis
     """n local workers: torch threads split between them on a CPU, one GPU each on a multi-GPU machine."""
     import torch
 
-    threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // n)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = 0 if torch.cuda.is_available() else max(1, cores // n)  # the cores this process may use (taskset)
     gpus = torch.cuda.device_count()
     return [WorkerContext(sweep, parent, i, stream + i, threads, str(i % gpus) if gpus > 1 else None)
             for i in range(n)]

@@ -32,6 +32,7 @@ from gancore.errors import NonFiniteLossError, TrackingError
 from gancore.families.base import Batch, Family
 from gancore.progress import Bar
 from gancore.tracking import check_reachable, make_tracker, resolve_uri
+from gancore.train import budget as budgets
 from gancore.train import fast, report
 from gancore.train import state as ckpt
 from gancore.train.ema import EMA
@@ -64,11 +65,12 @@ def _accelerator(cfg: Config) -> Accelerator:
 
 
 def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
-        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        stop_after: int | None = None, on_eval: Callable[[int, dict[str, float], int], None] | None = None,
         tags: dict[str, str] | None = None) -> RunResult:
     """Train `cfg` to the end (or until a stop signal / `stop_after` steps), writing everything under the run dir.
 
-    `on_eval(step, metrics)` is called after every sample-quality evaluation (sweeps report and prune there);
+    `on_eval(step, metrics, images)` is called after every sample-quality evaluation (sweeps report and prune
+    there; `images`: real images shown to D so far);
     `tags` go onto the MLflow run from its start (a sweep's parent run id, the trial number).
     """
     # ------------------------------------------------------------------------------------------------------------
@@ -95,7 +97,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                           world=accelerator.num_processes)
     draws = family.draws_per_step()  # real batches consumed per step
     steps_per_epoch = max(1, loader.steps_per_epoch // draws)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    plan = budgets.budget(cfg, steps_per_epoch, draws)  # steps, or real images shown to D (train/budget.py)
+    total_steps = plan.total_steps
     fixed = family.fixed_inputs(cfg.train.grid_size, torch.Generator().manual_seed(cfg.train.seed + 12345))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -197,8 +200,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                         f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is "
                         f"{last_ckpt or 'none (no checkpoint written yet)'}; lower the learning rate or resume from it")
                 dt = time.perf_counter() - t_window
-                values["images_per_s"] = steps_window * cfg.optim.batch_size * draws / max(dt, 1e-9)
+                values["images_per_s"] = steps_window * plan.images_per_step / max(dt, 1e-9)
                 values["epoch"] = step / steps_per_epoch
+                values["images_seen"] = float(plan.images(step))
                 values.update({f"lr/{k}": o.param_groups[0]["lr"] for k, o in family.optimizers.items()})
                 tracker.log_metrics(values, step)
                 progress.update(step, stats=_headline(values, family.headline))
@@ -219,11 +223,11 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                 tracker.log_image(img, key="samples", step=step)
 
             # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end
-            if cfg.eval.n_samples and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
+            if cfg.eval.n_samples and (plan.eval_due(step) or step == total_steps):
                 last_metrics = evaluate_metrics()
                 tracker.log_metrics(last_metrics, step)
                 if on_eval is not None:
-                    on_eval(step, last_metrics)
+                    on_eval(step, last_metrics, plan.images(step))
 
             # -- checkpoint (every checkpoint_every, at the end, on a stop signal)
             if must_checkpoint:
