@@ -74,6 +74,7 @@ class LossConfig:
     # images, r2 the same on generated ones; 0 = off. Any loss; one extra D forward/backward per penalty and D step
     r1: float = 0.0
     r2: float = 0.0
+    penalty_batch: int = 0  # R1/R2 on the first N images of each batch only (an unbiased, cheaper estimate); 0 = all
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ RANGES: dict[str, Range] = {
     "loss.gp_weight": NON_NEGATIVE,
     "loss.r1": Range(0, note="0 = off"),
     "loss.r2": Range(0, note="0 = off"),
+    "loss.penalty_batch": Range(0, note="0 = the whole batch"),
     "optim.lr_g": POSITIVE,
     "optim.lr_d": POSITIVE,
     "optim.beta1": FRACTION,

@@ -61,8 +61,12 @@ def chunk_sampler(family: Any, seed: int) -> Callable[[int], Callable[[int], tor
 
 
 def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None = None, device: str | None = None,
-                        log: bool = True, uri: str | None = None, seed: int = 0) -> tuple[dict[str, float], str | None]:
-    """FID/IS/KID/PR of a trained generator; logged into its MLflow run (at the checkpoint's step) when known."""
+                        log: bool = True, uri: str | None = None, seed: int = 0,
+                        real_split: str | None = None) -> tuple[dict[str, float], str | None]:
+    """FID/IS/KID/PR of a trained generator; logged into its MLflow run (at the checkpoint's step) when known.
+
+    `real_split` (train | test) measures against that split instead of the run's eval.real_split; the metric keys
+    then end in it (fid_inception_10k_test), so numbers against two references never share a key."""
     from gancore.generate import torch_device
     from gancore.metrics import evaluate
     from gancore.train.state import load_family
@@ -72,6 +76,12 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     path, run_id = resolve_target(target, uri)
     dev = torch_device(device or "auto")
     family, cfg, state = load_family(path, dev)
+    if real_split is not None:
+        from gancore.config import CHOICES, replace
+
+        if real_split not in CHOICES["eval.real_split"] or real_split == "data":
+            raise MetricsError(f"--real-split {real_split!r}: expected train or test")
+        cfg = replace(cfg, **{"eval.real_split": real_split})
     run_id = run_id or state.get("run_id")
     # features cached per chunk, keyed by the checkpoint's content and the seed: an interrupted run continues
     from gancore.io import cache_dir
@@ -81,10 +91,13 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     n = n or cfg.eval.n_samples or 10000
     values = evaluate(cfg, None, dev, extractor=extractor, n=n, progress=True,
                       resumable=(chunk_sampler(family, seed), folder))
+    suffix = f"_{real_split}" if real_split else ""
+    values = {k + suffix: v for k, v in values.items()}
     if log and run_id and cfg.track.enabled:
         from gancore.metrics import protocol, protocol_tag
         from gancore.tracking import log_to_run
 
-        (tag,) = protocol_tag(protocol(cfg, extractor, n, ema=family.ema is not None)).items()
+        ((key, proto),) = protocol_tag(protocol(cfg, extractor, n, ema=family.ema is not None)).items()
+        tag = (key + suffix, proto)
         log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri, protocol=tag)
     return values, run_id

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a trained generator: `python jobs/eval.py RUN_ID|RUN_DIR|CKPT [-n 10000] [--extractor auto]`.
+"""Evaluate a trained generator: `python jobs/eval.py RUN_ID|RUN_DIR|CKPT [-n 10000] [--extractor auto] [--real-split test]`.
 
 Prints FID/IS/KID/precision/recall (names state the protocol, e.g. fid_inception_10k) and logs them into the
 run's MLflow record at the checkpoint's step. A run directory evaluates its best-FID checkpoint when it has one.
@@ -15,6 +15,8 @@ def main() -> int:
     ap.add_argument("target", help="an MLflow run id, a run directory or a checkpoint file")
     ap.add_argument("-n", type=positive_int, help="generated samples (default eval.n_samples of the run, else 10000)")
     ap.add_argument("--extractor", help="auto | inception | lenet_mnist | cifar_classifier (default: the run's)")
+    ap.add_argument("--real-split", choices=("train", "test"), help="the real images to compare with (default: the "
+                    "run's eval.real_split); the metric names then end in it, e.g. fid_inception_10k_test")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--no-log", action="store_true", help="print only; do not log into the MLflow run")
     ap.add_argument("--uri", help="MLflow tracking URI (default: the run's track.uri, $MLFLOW_TRACKING_URI, ./mlruns)")
@@ -23,7 +25,7 @@ def main() -> int:
     from gancore.evaluation import evaluate_checkpoint
 
     values, run_id = evaluate_checkpoint(args.target, n=args.n, extractor=args.extractor, device=args.device,
-                                         log=not args.no_log, uri=args.uri)
+                                         log=not args.no_log, uri=args.uri, real_split=args.real_split)
     for k, v in sorted(values.items()):
         print(f"{k} = {v:.4f}")
     if run_id and not args.no_log:

@@ -5,6 +5,7 @@
 The same study name on the same storage continues the study (n_trials is the study's total). Storage: SQLite under
 the sweep dir by default; `journal:PATH` or postgresql://... for Slurm workers on several nodes. Exit codes: 0 done,
 2 bad input / unusable storage, 75 stopped by a signal (run the same command again to continue).
+`--confirm` retrains the best trial on fresh seeds at the full budget beside a baseline (the file's `confirm:`).
 `--worker` runs one worker in this process (slurm/sweep.sh array tasks); `--prepare` only creates the study and the
 parent MLflow run; `--report` only prints the table and writes best.yaml and the figures; `--dashboard [--port N]`
 starts optuna-dashboard on the study's storage, on 127.0.0.1 (`make dashboard`).
@@ -46,6 +47,9 @@ def main() -> int:
     mode.add_argument("--worker", action="store_true", help="be one worker of an already prepared sweep")
     mode.add_argument("--prepare", action="store_true", help="create/check the study and parent run, then exit")
     mode.add_argument("--report", action="store_true", help="only report (table, best.yaml, figures)")
+    mode.add_argument("--confirm", action="store_true", help="train the best trial on the sweep file's fresh "
+                      "confirm.seeds at the full budget beside its baseline preset, measure both, write "
+                      "results/<study>_confirm.md (resumable)")
     mode.add_argument("--dashboard", action="store_true", help="optuna-dashboard on the study's storage, on "
                       "127.0.0.1 (the study must exist)")
     ap.add_argument("--port", type=positive_int, help="--dashboard's port (default 8080)")
@@ -68,6 +72,10 @@ def main() -> int:
         ap.error(f"sweep dir: {e}")
     if args.worker:
         return run_worker(sweep)
+    if args.confirm:
+        from gancore.sweep.confirm import run_confirm
+
+        return run_confirm(sweep)
     return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,
                      prepare_only=args.prepare)
 

@@ -145,3 +145,16 @@ def test_gan_family_adds_r1_on_real_and_r2_on_fake_images_by_hand():
     assert stats["D/r2"].item() == pytest.approx(r2.item(), rel=1e-5)
     assert loss.item() == pytest.approx(base.item() + 0.5 * 2.0 * r1.item() + 0.5 * 0.5 * r2.item(), rel=1e-5)
     assert stats["Loss/D"].item() == pytest.approx(loss.item())
+
+
+def test_penalty_batch_takes_the_first_images_only():
+    from gancore.config import from_dict
+    from gancore.families.base import Batch
+    from gancore.families.gan import GAN
+
+    cfg = from_dict({"loss": {"r1": 2.0, "penalty_batch": 2}, "model": {"arch": "dcgan_mnist", "ngf": 8, "ndf": 8, "nz": 4}})
+    fam = GAN(cfg, (1, 28, 28), 10)
+    fam.networks["D"] = Square()
+    x = torch.randn(5, 1, 28, 28)
+    _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), {})
+    assert stats["D/r1"].item() == pytest.approx(x[:2].flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)

@@ -51,6 +51,7 @@ class Plan:
     run_dir: Path
     steps: int
     label: str = ""  # the table's experiment name: the preset, with its seed when the suite runs several
+    images_per_step: int = 0  # real images D sees per step (gancore.train.budget), when the plan knows it
 
     def __post_init__(self) -> None:
         self.label = self.label or self.preset
@@ -91,22 +92,37 @@ def plan(suite: str, protocol: str = "domain", epochs: int | None = None, n_samp
                 "eval.metrics=[fid,kid,is]", f"name={preset}", *budget]
         for k, seed in enumerate(seeds if seeds is not None else (None,)):
             cfg = load_config(path, [*over, *([] if seed is None else [f"train.seed={seed}"]), *overrides])
-            steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+            steps = planned_steps(cfg)
             label = preset if seed is None else f"{preset} (seed {seed})"
             out.append((k, Plan(preset, cfg, Path(runs_root) / f"{preset}-{_digest(cfg)}", steps, label)))
     # seed-major (stable): an interrupted multi-seed suite has whole seeds of every preset first
     return [p for _, p in sorted(out, key=lambda kp: kp[0])]
 
 
-def steps_per_epoch(cfg: Config) -> int:
-    """Training steps per epoch, as the loop counts them: whole batches, over the real batches one step draws."""
+def _epoch_and_draws(cfg: Config) -> tuple[int, int]:
     from gancore.data import load_images
     from gancore.train.state import build_family
 
     x, y = load_images(cfg.data)
     classes = max(int(y.max()) + 1, cfg.model.num_classes) if len(y) else cfg.model.num_classes
     draws = build_family(cfg, tuple(x.shape[1:]), classes).draws_per_step()
-    return max(1, (len(x) // cfg.optim.batch_size) // draws)
+    return max(1, (len(x) // cfg.optim.batch_size) // draws), draws
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    """Training steps per epoch, as the loop counts them: whole batches, over the real batches one step draws."""
+    return _epoch_and_draws(cfg)[0]
+
+
+def planned_budget(cfg: Config) -> Any:
+    """The run's gancore.train.budget.Budget (total steps, images per step) as the loop will compute it."""
+    from gancore.train.budget import budget
+
+    return budget(cfg, *_epoch_and_draws(cfg))
+
+
+def planned_steps(cfg: Config) -> int:
+    return planned_budget(cfg).total_steps
 
 
 def finished_run(p: Plan) -> str | None:

@@ -47,9 +47,10 @@ class GAN(Family):
         step["fake"] = (fake, y)  # for this step's G phase
         real, fake = self.noise(batch.x), self.noise(fake.detach())
         loss, stats = self.loss.d_loss(D, real, fake, y)
+        n = self.cfg.loss.penalty_batch or None  # the first n images (loss.penalty_batch), or all
         for name, weight, x in (("r1", self.cfg.loss.r1, real), ("r2", self.cfg.loss.r2, fake)):
             if weight > 0:  # zero-centred gradient penalties (loss.r1 / loss.r2), on the images D was shown
-                penalty = zero_centred_penalty(D, x, y)
+                penalty = zero_centred_penalty(D, x[:n], y[:n] if y is not None else None)
                 loss = loss + 0.5 * weight * penalty
                 stats = {**stats, "Loss/D": loss.detach(), f"D/{name}": penalty.detach()}
         return loss, stats

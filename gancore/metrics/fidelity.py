@@ -204,6 +204,16 @@ def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, 
     return out
 
 
+def floor_fid(cfg: Config, extractor: str, n: int, device: torch.device | str, progress: bool = False) -> float:
+    """FID of n real training images against n real test images (the data set's own floor: no generator measured
+    this way can be expected to score much lower), from the cached statistics of both splits."""
+    splits = [dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, real_split=s)) for s in ("train", "test")]
+    name = extractors.resolve(cfg, extractor, channels=real_images(splits[0], 1).shape[1])
+    fe, fe_id = extractors.load(name, cfg, device)
+    a, b = (real_statistics(c, name, fe, fe_id, real_images(c, n), device, progress) for c in splits)
+    return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics: each takes (generated features, real statistics) and returns {kind: value}
 

@@ -46,6 +46,21 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """The sweep's confirmation (`confirm:`): the winner at the full budget on fresh seeds beside a baseline preset
+    (gancore/sweep/confirm.py). Not part of the study's definition: it can be added to a running study."""
+
+    seeds: tuple[int, ...]  # the winner's seeds; never the search's own train.seed
+    baseline: Path | None  # a preset trained beside it at the same budget and protocol
+    baseline_seeds: tuple[int, ...]
+    overrides: dict[str, Any]  # on top of the sweep's overrides, for winner and baseline alike (the full budget)
+    extractor: str  # the final measurement of each run's best checkpoint (e.g. inception)
+    real_split: str  # ... against these real images (test)
+    anchor: dict[str, Any]  # {name, fid}: the published number the table is read against (optional)
+    results: Path  # where the table and the committed generators go
+
+
+@dataclass(frozen=True)
 class Sweep:
     """A validated sweep file (see sweeps/README.md for the format)."""
 
@@ -66,6 +81,8 @@ class Sweep:
     workers: int | str = "auto"  # default for --workers: a number, or auto (the measured best per device)
     slurm: dict[str, Any] = field(default_factory=dict)
     value: str = "last"  # a trial's value: last (its last evaluation) | best (the best of its evaluations)
+    overrides: dict[str, Any] = field(default_factory=dict)  # the sweep file's overrides, as written
+    confirm: Confirm | None = None
 
     @property
     def dir(self) -> Path:
@@ -78,7 +95,10 @@ class Sweep:
 
 # allowed keys per section: name -> (types, default); a type of None = any YAML value
 _TOP = {"study", "base", "overrides", "objective", "value", "space", "budget", "sampler", "pruner", "storage",
-        "out", "workers", "slurm"}
+        "out", "workers", "slurm", "confirm"}
+_CONFIRM = {"seeds": (list, None), "baseline": (str, None), "baseline_seeds": (list, None), "overrides": (dict, {}),
+            "extractor": (str, "inception"), "real_split": (str, "test"), "anchor": (dict, {}),
+            "results": (str, "../results")}
 VALUES = ("last", "best")
 _BUDGET = {"n_trials": (int, None), "timeout_s": ((int, float), None)}
 _SAMPLER = {"name": (str, "tpe"), "seed": (int, 0), "n_startup_trials": (int, 10), "multivariate": (bool, True),
@@ -251,6 +271,46 @@ def _search(path: Path, d: dict, base: Config) -> tuple[dict[str, Any], dict[str
     return sampler, pruner
 
 
+def _seeds(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v) \
+            or len(set(v)) != len(v):
+        raise SweepError(f"{where}: expected a list of distinct seeds >= 0, e.g. [1, 2, 3]; got {v!r}")
+    return tuple(v)
+
+
+def _confirm(path: Path, d: Any, base: Config) -> Confirm | None:
+    """The `confirm:` section, checked like the rest: its configs must build, its seeds must be fresh."""
+    if d is None:
+        return None
+    c = _section(d, _CONFIRM, f"{path}: confirm")
+    seeds = _seeds(c["seeds"], f"{path}: confirm.seeds")
+    if base.train.seed in seeds:
+        raise SweepError(f"{path}: confirm.seeds: {base.train.seed} is the search's own train.seed; confirm on seeds "
+                         "the search never used")
+    baseline = (path.parent / c["baseline"]).resolve() if c["baseline"] else None
+    if baseline is not None and not baseline.is_file():
+        raise SweepError(f"{path}: confirm.baseline: {baseline} not found; name a preset, e.g. ../configs/mnist_dcgan.yaml")
+    from gancore.config import CHOICES
+
+    if c["extractor"] not in CHOICES["eval.extractor"]:
+        raise SweepError(f"{path}: confirm.extractor: {c['extractor']!r} is not one of "
+                         f"{', '.join(CHOICES['eval.extractor'])}")
+    if c["real_split"] not in ("train", "test"):
+        raise SweepError(f"{path}: confirm.real_split: expected train or test, got {c['real_split']!r}")
+    anchor = c["anchor"]
+    if anchor and (set(anchor) != {"name", "fid"} or not isinstance(anchor["fid"], (int, float))):
+        raise SweepError(f"{path}: confirm.anchor: expected {{name: ..., fid: number}}, got {anchor!r}")
+    try:
+        replace(base, **{str(k): v for k, v in c["overrides"].items()})
+    except ConfigError as e:
+        raise SweepError(f"{path}: confirm.overrides: {e}") from None
+    return Confirm(seeds=seeds, baseline=baseline,
+                   baseline_seeds=_seeds(c["baseline_seeds"], f"{path}: confirm.baseline_seeds")
+                   if c["baseline_seeds"] is not None else seeds,
+                   overrides={str(k): v for k, v in c["overrides"].items()}, extractor=c["extractor"],
+                   real_split=c["real_split"], anchor=anchor, results=(path.parent / c["results"]).resolve())
+
+
 def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | None = None,
                timeout_s: float | None = None, out: str | Path | None = None) -> Sweep:
     """Read and strictly validate a sweep file; keyword arguments override the file (CLI flags)."""
@@ -303,7 +363,8 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
                  n_trials=n_trials, timeout_s=float(timeout_s) if timeout_s else None, sampler=sampler,
                  pruner=pruner, storage=storage or st["url"], heartbeat_interval=st["heartbeat_interval"],
                  grace_period=st["grace_period"], max_retry=st["max_retry"], out=out_dir, workers=workers,
-                 slurm=slurm, value=value)
+                 slurm=slurm, value=value, overrides={str(k): v for k, v in (d.get("overrides") or {}).items()},
+                 confirm=_confirm(path, d.get("confirm"), base))
 
 
 def trial_config(sweep: Sweep, params: dict[str, Any], number: int | None = None) -> Config:

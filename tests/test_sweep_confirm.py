@@ -1,0 +1,121 @@
+"""A sweep in images with its confirmation (#26): trials report at the scheduled image counts, a trial's value is
+the best of its evaluations, and `--confirm` retrains the winner on fresh seeds beside a baseline, commits a small
+generator per run whose re-measurement gives the table's number, and summarises mean ± sd by hand-checkable rules."""
+
+import csv
+import statistics
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from gancore import sweep as sw
+from gancore.errors import SweepError
+from gancore.evaluation import evaluate_checkpoint
+from gancore.sweep import load_sweep
+from gancore.sweep.confirm import summary
+from conftest import ROOT, needs_mnist
+from test_sweep import cli, finish
+
+OBJ = "fid_lenet_200"
+
+
+def budget_sweep(tmp_path, **top):
+    overrides = {
+        "data.subset": 128, "optim.batch_size": 32, "model.ngf": 16, "model.ndf": 16, "train.max_images": 256,
+        "train.log_every": 2, "train.checkpoint_every": 2, "train.snapshot_epochs": [1], "train.loss_ranges": [[1, 1]],
+        "train.grid_size": 16, "track.image_every": 8, "track.uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+        "track.experiment": "budget", "eval.every": 0, "eval.every_images": 128, "eval.n_samples": 200,
+        "eval.extractor": "lenet_mnist", "eval.metrics": ["fid"], "eval.real_split": "train",
+    }
+    d = {"study": "tinybudget", "base": str(ROOT / "configs" / "quickstart.yaml"), "overrides": overrides,
+         "objective": OBJ, "value": "best",
+         "space": {"optim.lr_g": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+                   "optim.d_iters": {"type": "int", "low": 1, "high": 2}},
+         "budget": {"n_trials": 2}, "sampler": {"name": "random", "seed": 0},
+         "pruner": {"name": "hyperband", "reduction_factor": 2}, "workers": 1, "out": str(tmp_path / "sweeps"),
+         "confirm": {"seeds": [1, 2], "baseline": str(ROOT / "configs" / "quickstart.yaml"), "baseline_seeds": [1, 2],
+                     "overrides": {"train.max_images": 384}, "extractor": "lenet_mnist", "real_split": "test",
+                     "anchor": {"name": "a published number", "fid": 100.0}, "results": str(tmp_path / "results")},
+         **top}
+    path = tmp_path / "tinybudget.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 1]}, "confirm.seeds: 0 is the search's own train.seed"),
+    ({"seeds": [1, 1]}, "expected a list of distinct seeds"),
+    ({"baseline": "nope.yaml"}, "confirm.baseline:"),
+    ({"real_split": "data"}, "confirm.real_split: expected train or test"),
+    ({"overrides": {"train.max_imagez": 5}}, "confirm.overrides:"),
+    ({"seed": [1]}, "confirm: unknown key 'seed'"),
+])
+def test_the_confirm_section_is_checked_before_anything_runs(tmp_path, change, message):
+    path = budget_sweep(tmp_path)
+    d = yaml.safe_load(path.read_text())
+    d["confirm"].update(change)
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(SweepError, match=message) as e:
+        load_sweep(path)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_summary_by_hand():
+    rows = [{"role": "winner", "final_fid": v} for v in (5.0, 6.0, 7.0)] + \
+           [{"role": "baseline", "final_fid": v} for v in (10.0, 12.0)]
+    lines = summary(rows, {"name": "Lucic", "fid": 6.8})
+    sd_w, sd_b = 1.0, statistics.stdev([10.0, 12.0])  # 1.414...
+    assert lines[0] == "- winner: 6.00 ± 1.00 (mean ± sd of 3 seed(s))"
+    assert lines[1] == "- baseline: 11.00 ± 1.41 (mean ± sd of 2 seed(s))"
+    assert lines[2] == f"- difference winner - baseline: -5.00; it exceeds the seed-to-seed spread ({sd_w + sd_b:.2f} = sum of the two sds)"
+    assert lines[3] == "- anchor: Lucic: 6.8; the winner's mean is -0.80 from it"
+    close = summary([{"role": "winner", "final_fid": 10.0}, {"role": "winner", "final_fid": 12.0},
+                     {"role": "baseline", "final_fid": 11.5}, {"role": "baseline", "final_fid": 12.5}], {})
+    assert "does not exceed" in close[2]
+
+
+@needs_mnist
+def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
+    path = budget_sweep(tmp_path)
+    finish(cli(str(path), cwd=tmp_path))
+    sweep = load_sweep(path)
+    study = optuna.load_study(study_name=sweep.study, storage=sw.open_storage(sweep.storage_url))
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert done
+    for t in done:  # reported at the scheduled image counts whatever d_iters; the value is the best of them
+        assert sorted(t.intermediate_values) == [128, 256]
+        assert t.value == min(t.intermediate_values.values())
+    best = min(done, key=lambda t: (t.value, t.number))
+
+    out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)
+    assert f"trial {best.number}" in out
+    with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["role"], r["seed"]) for r in rows] == [("winner", "1"), ("winner", "2"), ("baseline", "1"),
+                                                       ("baseline", "2")]
+    runs = tmp_path / "sweeps" / "tinybudget" / "confirm"
+    for r in rows:
+        cfg = yaml.safe_load((runs / f"{r['role']}_seed{r['seed']}" / "config.yaml").read_text())
+        assert cfg["train"]["seed"] == int(r["seed"]) and cfg["train"]["max_images"] == 384
+        if r["role"] == "winner":  # the best trial's params, not the baseline's
+            assert (cfg["optim"]["lr_g"], cfg["optim"]["d_iters"]) == (best.params["optim.lr_g"], best.params["optim.d_iters"])
+        per_step = 32 * (cfg["optim"]["d_iters"] if r["role"] == "winner" else 1)
+        assert int(r["images"]) == int(r["steps"]) * per_step >= 384 > (int(r["steps"]) - 1) * per_step
+        # the committed generator: sampling weights only, and re-measuring it gives the table's number
+        gen = tmp_path / r["generator"]
+        state = torch.load(gen, weights_only=True)
+        assert state["sampling_only"] and "D" not in state["networks"]
+        values, _ = evaluate_checkpoint(str(gen), n=200, extractor="lenet_mnist", real_split="test", log=False)
+        assert values["fid_lenet_200_test"] == pytest.approx(float(r["fid_lenet_200_test"]), abs=5e-3)
+        assert float(r["fid_lenet_200_test"]) != float(r["fid_lenet_200_train"])
+    md = (tmp_path / "results" / "tinybudget_confirm.md").read_text()
+    w = [float(r["fid_lenet_200_test"]) for r in rows if r["role"] == "winner"]
+    assert f"- winner: {statistics.mean(w):.2f} ± {statistics.stdev(w):.2f} (mean ± sd of 2 seed(s))" in md
+    assert "anchor: a published number: 100" in md
+
+    again = finish(cli(str(path), "--confirm", cwd=tmp_path))  # everything finished and measured: nothing retrained
+    assert "training" not in again
+    assert list(csv.DictReader(open(tmp_path / "results" / "tinybudget_confirm.csv"))) == rows
