@@ -64,7 +64,8 @@ def trials_table(sweep: Sweep, study: Any, top: int = 10) -> Any:
     ranked = sorted(trials, key=lambda t: (t.value is None or t.state.name != "COMPLETE", t.value or 0, t.number))
     title = f"sweep {sweep.study}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
     table = Table(title=title)
-    for col in ("trial", "state", sweep.objective, *(p.name for p in sweep.space), "steps", "time", "MLflow run"):
+    unit = "images" if sweep.base.train.max_images else "steps"  # what the trials report at (objective.report_point)
+    for col in ("trial", "state", sweep.objective, *(p.name for p in sweep.space), unit, "time", "MLflow run"):
         table.add_column(col, justify="right" if col not in ("state", "MLflow run") else "left")
     for t in ranked[:top]:
         fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -74,6 +75,37 @@ def trials_table(sweep: Sweep, study: Any, top: int = 10) -> Any:
                       f"{t.duration.total_seconds():.0f} s" if t.duration else "-",
                       (t.user_attrs.get("mlflow.run_id") or "-")[:8])
     return table
+
+
+def summary_markdown(sweep: Sweep, study: Any) -> str:
+    """The study as a markdown page (summary.md): trials by state, CPU/GPU hours, the best trial, every trial."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    hours = sum(t.duration.total_seconds() for t in trials if t.duration) / 3600
+    unit = "images" if sweep.base.train.max_images else "steps"
+    best = best_trial(study)
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"# Sweep {sweep.study}", "",
+             f"{len(trials)} trial(s): " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v) +
+             f"; {hours:.2f} hours of trial time (sum of the trials' wall times, one worker per trial). Objective: "
+             f"{sweep.objective} ({'best' if sweep.value == 'best' else 'last'} of each trial's evaluations, "
+             f"reported at {unit} {sweep.base.eval.every_images or sweep.base.eval.every} apart), minimised; pruner "
+             f"{sweep.pruner.get('name')}. Every trial trains with seed {sweep.base.train.seed}: the values rank "
+             "configurations on one seed, they are not results (the confirmation retrains the best on fresh seeds).", ""]
+    if best is not None:
+        lines += [f"Best: trial {best.number}, {sweep.objective} {best.value:.4g}: " +
+                  ", ".join(f"{k}={fmt(v)}" for k, v in sorted(best.params.items())), ""]
+    names = [p.name for p in sweep.space]
+    lines += ["| trial | state | " + sweep.objective + " | " + " | ".join(names) + f" | last {unit} | minutes |",
+              "|" + "---|" * (len(names) + 5)]
+    for t in sorted(trials, key=lambda t: t.number):
+        last = max(t.intermediate_values) if t.intermediate_values else "-"
+        lines.append(f"| {t.number} | {t.state.name} | {'-' if t.value is None else f'{t.value:.4g}'} | " +
+                     " | ".join(fmt(t.params.get(n, "-")) for n in names) +
+                     f" | {last} | {t.duration.total_seconds() / 60:.1f} |" if t.duration else
+                     f"| {t.number} | {t.state.name} | - | " + " | ".join(fmt(t.params.get(n, "-")) for n in names) +
+                     f" | {last} | - |")
+    return "\n".join(lines) + "\n"
 
 
 def report(sweep: Sweep, study: Any, parent_id: str | None, final: bool | None = True) -> int:
@@ -94,6 +126,7 @@ def report(sweep: Sweep, study: Any, parent_id: str | None, final: bool | None =
     figures = _figures(study, sweep.dir / "figures") if best is not None else []
     with contextlib.suppress(Exception):
         atomic_write(sweep.dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
+    atomic_write(sweep.dir / "summary.md", summary_markdown(sweep, study))
     if parent_id and sweep.base.track.enabled:
         finished = budget_used(study.get_trials(deepcopy=False))["finished"]
         log_report(sweep, parent_id, best, finished, figures, [best_yaml, sweep.dir / "trials.csv"], final)
