@@ -1,7 +1,8 @@
 """Stop requests: SIGUSR1 (Slurm's warning before the time limit / preemption), SIGUSR2 (submitit's) or SIGTERM.
 
 The loop checks `StopFlag.requested(step)` once per step, finishes that step, writes a checkpoint and returns
-"stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint).
+"stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint). An
+evaluation asks `poll()` before every extractor batch and ends within one batch; the ranks then `agree()`.
 
 Who else handles these signals (checked for torch 2.14 / Accelerate 1.15): Accelerate installs no handler; the
 torchrun agent (`accelerate launch` on several processes, `torch.distributed.run`) handles SIGTERM, SIGINT,
@@ -63,6 +64,17 @@ class StopFlag:
             return self.signal is not None
         if step % self.SYNC_EVERY:
             return False
+        return self.agree()
+
+    def poll(self) -> bool:
+        """This process's own flag, no collective: what an evaluation (main process only) asks between batches."""
+        return self.signal is not None
+
+    def agree(self) -> bool:
+        """Whether any rank has a stop request, now. With several processes a collective: every rank calls it at
+        the same point of the loop (after an evaluation, which only the main process runs)."""
+        if self._acc is None:
+            return self.signal is not None
         flag = torch.tensor([float(self.signal is not None)], device=self._acc.device)
         return bool(self._acc.reduce(flag, "sum").item() > 0)
 

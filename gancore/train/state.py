@@ -317,6 +317,7 @@ class RunState:
     run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)  # {key, value, step} of the best FID so far
+    eval_pending: bool = False  # the evaluation of `step` is due and not done (a stop signal ended it)
     epoch_stats: StatsAccumulator = field(default_factory=StatsAccumulator)
 
     def rank_state(self, loader: Any) -> dict[str, Any]:
@@ -346,6 +347,7 @@ class RunState:
             "history": self.history,
             "epoch_stats": self.epoch_stats.state_dict(),  # a mid-epoch stop keeps the epoch's partial sums
             "best": self.best,
+            "eval_pending": self.eval_pending,  # a resume runs the evaluation of this step first
         }
 
     @classmethod
@@ -390,7 +392,8 @@ class RunState:
         set_rng_state(own["rng"])  # last: nothing after this may draw random numbers before the loop
         if mine is None and accelerator.process_index > 0:  # no per-rank states (best.pt): distinct fresh streams
             torch.manual_seed(cfg.train.seed + 7919 * accelerator.process_index + 104729 * int(state["step"]))
-        run = cls(int(state["step"]), state.get("run_id"), state.get("history", {}), state.get("best", {}))
+        run = cls(int(state["step"]), state.get("run_id"), state.get("history", {}), state.get("best", {}),
+                  bool(state.get("eval_pending", False)))
         run.epoch_stats.load_state_dict(own["epoch_stats"])
         return run
 
