@@ -43,6 +43,9 @@ class DataConfig:
     subset: int = 0  # keep the first N images (after the class filter); 0 = all
     normal_class: int = -1  # train only on this label (anomaly detection: the "normal" digit); -1 = all
     image_size: int = 0  # resize to S x S (GANomaly: MNIST at 32); 0 = native size
+    # how a non-square image becomes S x S: center_crop (shorter side to S, centre kept; torchvision's Resize +
+    # CenterCrop) | stretch (both sides to S) | pad (longer side to S, black borders); square images: all the same
+    resize: str = "center_crop"
     download: bool = infra(False)  # let torchvision download a missing dataset (needs internet)
     on_device: str = infra("auto")  # keep the whole uint8 set on the training device: auto | yes | no
 
@@ -191,6 +194,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.split": ("train", "test"),
     "data.on_device": ("auto", "yes", "no"),
+    "data.resize": ("center_crop", "stretch", "pad"),
     "model.batchnorm": ("both", "g", "d", "none"),
     "model.g_act": ("relu", "lrelu", "tanh"),
     "model.d_act": ("relu", "lrelu", "tanh"),

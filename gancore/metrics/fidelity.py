@@ -314,6 +314,10 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     if unknown:
         raise MetricsError(f"unknown metric(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_METRICS)}")
     x_real = real_images(cfg, n)
+    if len(x_real) < n:  # more generated images than real ones: the numbers compare unequal sample sizes
+        extractors.notice(f"{n} generated images against only {len(x_real)} real ones ({cfg.data.name} "
+                          f"{real_split(cfg)}); FID and KID are measured on unequal sets, so set "
+                          f"eval.n_samples={len(x_real)} or fewer (or use more real images)")
     name = extractors.resolve(cfg, extractor, channels=x_real.shape[1])
     fe, fe_id = extractors.load(name, cfg, device)
     real = real_statistics(cfg, name, fe, fe_id, x_real, device, progress, stop)
