@@ -531,11 +531,30 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def data_label(data: DataConfig) -> str:
+    """What a run's data is called: the folder's or file's name for data.path (folder / npz), else data.name."""
+    if not data.path:
+        return data.name
+    p = Path(data.path).expanduser()
+    stem = (p.name or p.resolve().name) if p.suffix != ".npz" else p.stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or data.name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset file (with its bases) <- dotted overrides, validated."""
-    d = read_yaml(path) if path else {}
-    d = _deep_merge(d, parse_overrides(list(overrides)))
-    return from_dict(d)
+    """Defaults <- preset file (with its bases) <- dotted overrides, validated.
+
+    Unless `name=` is given, a run without a preset is named after its data (`data_label`: mnist, cats), and a run
+    of a preset whose data.path comes from the command line after the preset and its data (folder-cats)."""
+    preset = read_yaml(path) if path else {}
+    over = parse_overrides(list(overrides))
+    cfg = from_dict(_deep_merge(preset, over))
+    if "name" in over:
+        return cfg
+    if not path:
+        return dataclasses.replace(cfg, name=data_label(cfg.data))
+    if cfg.data.path and not (preset.get("data") or {}).get("path"):
+        return dataclasses.replace(cfg, name=f"{cfg.name}-{data_label(cfg.data)}")
+    return cfg
 
 
 def replace(cfg: Config, **dotted: Any) -> Config:

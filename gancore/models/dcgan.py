@@ -144,7 +144,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 @MODELS.register("dcgan")
-@image_sizes("square 4*2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
+@image_sizes("square 4 * 2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
 def build_dcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
     check_size("dcgan", image_shape)
     nc = num_classes if m.conditional else 0

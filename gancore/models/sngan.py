@@ -88,7 +88,7 @@ class SNDCGANDiscriminator(nn.Module):
 
 
 @MODELS.register("sndcgan")
-@image_sizes("square 4*2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
+@image_sizes("square 4 * 2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
 def build_sndcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
     check_size("sndcgan", image_shape)
     nc = num_classes if m.conditional else 0
