@@ -69,10 +69,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "nonsaturating"  # registry key: nonsaturating | lsgan | hinge | wgan_gp
+    name: str = "nonsaturating"  # registry key (gancore/losses.py; `jobs/train.py --help` lists the registered names)
     label_smoothing: float = 1.0  # one-sided smoothing: target for real images (ablation: 0.9); 1.0 = off
     instance_noise: float = 0.0  # sigma of Gaussian noise on D inputs (MNIST report: 0.05); 0 = off
     gp_weight: float = 10.0  # WGAN-GP lambda
+    r1_gamma: float = 0.1  # loss.name=rpgan: R1 weight gamma, (gamma / 2) E||grad_x D(x)||^2 on reals; 0 = off
+    r2_gamma: float = 0.1  # loss.name=rpgan: R2 weight, the same penalty on fakes (R3GAN: equal to r1_gamma); 0 = off
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,8 @@ RANGES: dict[str, Range] = {
     "loss.label_smoothing": Range(0, 1, lo_open=True, note="1 = off"),
     "loss.instance_noise": Range(0, note="0 = off"),
     "loss.gp_weight": NON_NEGATIVE,
+    "loss.r1_gamma": Range(0, note="0 = no R1"),
+    "loss.r2_gamma": Range(0, note="0 = no R2"),
     "optim.lr_g": POSITIVE,
     "optim.lr_d": POSITIVE,
     "optim.beta1": FRACTION,

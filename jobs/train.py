@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -29,8 +30,18 @@ def resume_arg(v: str) -> str:
     return v
 
 
+def registered_names() -> str:
+    """--help's epilog: the names each registry key takes, read from the registries (gancore/registry.py)."""
+    from gancore.registry import DATASETS, FAMILIES, LOSSES, MODELS
+
+    rows = [("family", FAMILIES), ("model.arch", MODELS), ("loss.name", LOSSES), ("data.name", DATASETS)]
+    return "registered names (key=NAME):\n" + "\n".join(f"  {k}: {', '.join(r.names())}" for k, r in rows)
+
+
 def main() -> int:
-    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    wants_help = bool({"-h", "--help"} & set(sys.argv[1:]))  # the registries import torch: only for --help
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=registered_names() if wants_help else None)
     ap.add_argument("--config", help="preset YAML (configs/*.yaml); defaults alone when omitted")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=1e-4 model.nz=64")
     ap.add_argument("--out", type=out_dir, help="run directory (default runs/<preset>-<timestamp>)")
