@@ -73,10 +73,14 @@ def main() -> int:
     sq = sorted((k for k in result.metrics if k.startswith(quality)),
                 key=lambda k: ([i for i, p in enumerate(quality) if k.startswith(p)][0], k))
     if sq:
+        from gancore.metrics import degenerate
+
         print(f"sample quality at step {result.step} (lower FID/KID is better, higher IS; the key names the "
-              "extractor and sample count):")
+              "extractor and sample count; FID/KID are in that extractor's feature units, so compare a value only "
+              "with the same key; README \"Metrics\" gives the scales):")
         for k in sq:
-            print(f"  {k} = {result.metrics[k]:.4f}")
+            why = degenerate(k, result.metrics[k])
+            print(f"  {k} = {result.metrics[k]:.4f}" + (f"  <- {why}" if why else ""))
     return 0
 
 

@@ -54,6 +54,19 @@ def _check(stop: Callable[[], bool] | None) -> None:
         raise EvaluationStopped("evaluation stopped by a stop request")
 
 
+IS_FLOOR_FLAG = 1.05  # an IS this close to its floor of 1.0 is flagged (`degenerate`)
+
+
+def degenerate(key: str, value: float) -> str | None:
+    """Why a sample-quality value says nothing about quality, or None. IS = exp(E KL(p(y|x) || p(y))) is 1.0 when the
+    classifier gives every generated image the same class distribution: collapsed or unrecognisable samples (an
+    untrained G gives 1.00), not a low-but-fair score."""
+    if key.removeprefix("best_").startswith("is_") and value <= IS_FLOOR_FLAG:
+        return (f"degenerate: IS {value:.3g} is at its floor 1.0 (the classifier sees the same class mix in every "
+                "generated image: collapsed or unrecognisable samples); look at the sample grids")
+    return None
+
+
 def count_tag(n: int) -> str:
     """Sample count in metric names: 10000 -> 10k, 50000 -> 50k, 500 -> 500, 2500 -> 2500."""
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
