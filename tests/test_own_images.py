@@ -56,8 +56,8 @@ def test_your_own_images_end_to_end(tmp_path, size):
     state = ckpt.load(ckpt.latest(run_dir))
     assert state["image_shape"] == [3, size, size] and state["num_classes"] == 2  # two class sub-folders
     assert state["config"]["data"]["resize"] == "center_crop"
-    grid = Image.open(run_dir / "real_samples.png")  # 16 real images, 4x4 with 2-pixel padding
-    assert grid.size == (4 * (size + 2) + 2,) * 2
+    grid = Image.open(run_dir / "real_samples.png")  # all 48 real images (a 64-image grid asked): 7x7, 2-px padding
+    assert grid.size == (7 * (size + 2) + 2,) * 2
     # centre crop keeps every disc's colour: the real grid holds red and blue, never stretched ovals cut off
     px = np.asarray(grid.convert("RGB")).reshape(-1, 3)
     assert ((px[:, 0] > 200) & (px[:, 2] < 80)).any() and ((px[:, 2] > 200) & (px[:, 0] < 80)).any()

@@ -137,12 +137,14 @@ def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int 
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     fid_keys = {r["best_fid"][0] for r in rows if r["best_fid"]}
     one_key = next(iter(fid_keys)) if len(fid_keys) == 1 else None  # one key: named once, in the header
-    table = Table(title=f"MLflow experiment {experiment!r} ({len(rows)} runs)", box=box.SIMPLE_HEAD, pad_edge=False)
+    # one space between columns; a cell too long for the terminal wraps onto a second line instead of ending in "…"
+    table = Table(title=f"MLflow experiment {experiment!r} ({len(rows)} runs)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     for col in ("run", "name", "status", "budget", *params):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     short = lambda k: k.split("/")[-1] if k.startswith("Loss/") else k  # noqa: E731  (Loss/D -> D, as the bar does)
     for col in (*(short(k) for k in stats), f"best {one_key or 'fid_*'}", *extra):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     # the best-FID cells name their key; where one key was measured under several protocols, each gets a marker
     protocols: dict[str, list[str]] = {}
     for r in rows:
