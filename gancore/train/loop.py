@@ -200,9 +200,10 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     last_metrics: dict[str, float] = {}
     try:
         if run.eval_pending and cfg.eval.n_samples:  # the last session stopped during this step's evaluation
-            if evaluation(run.step, stop.poll) and not stop.agree():
+            stopped, completed = stop.evaluation_done(is_main, evaluation(run.step, stop.evaluating))
+            if completed:
                 last_ckpt = save_checkpoint() or last_ckpt  # the step's checkpoint now says its evaluation is done
-            else:
+            if stopped:
                 status = "stopped"
         while status == "finished" and run.step < total_steps:
             train_step()  # D x d_iters, G, EMA (one_step below)
@@ -245,19 +246,20 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end. The final checkpoint
             #    comes first (an evaluation never costs training); a stop signal ends an evaluation within one
             #    extractor batch, and the step's checkpoint then says its evaluation is pending (a resume runs it)
-            saved_first = False
+            saved_first, completed = False, True
             if cfg.eval.n_samples and ((cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps):
                 if step == total_steps:
                     run.eval_pending = True
                     last_ckpt = save_checkpoint() or last_ckpt
                     saved_first = True
-                evaluation(step, stop.poll)
-                if stop.agree():  # a signal during the evaluation (on any rank): stop at this step
+                # every rank leaves the evaluation with the same answers (stop now; the main process's completed)
+                stopped, completed = stop.evaluation_done(is_main, evaluation(step, stop.evaluating))
+                if stopped:  # a signal during the evaluation (on any rank): stop at this step
                     stop_here = must_checkpoint = True
 
             # -- checkpoint (every checkpoint_every, at the end, on a stop signal; not again when nothing changed
             #    since the final checkpoint before an evaluation that was stopped)
-            if must_checkpoint and not (saved_first and run.eval_pending):
+            if must_checkpoint and not (saved_first and not completed):
                 last_ckpt = save_checkpoint() or last_ckpt
             if stop_here:
                 status = "stopped"
