@@ -59,8 +59,11 @@ def check_size(arch: str, image_shape: tuple[int, int, int]) -> None:
     for n in gan:
         by_size.setdefault(MODELS[n].makes, []).append(n)
     sizes = "; ".join(f"{', '.join(names)}: {makes}" for makes, names in by_size.items())
+    sides = [s for s in (8, 16, 28, 32, 64, 128, 256) if MODELS[arch].fits(s, s)]
+    near = min(sides, key=lambda s: (abs(s - max(h, w)), s)) if sides else None
+    resize = f"data.image_size={near}" if near else "data.image_size=S"
     raise ConfigError(f"model.arch={arch} makes {MODELS[arch].makes} images, the data is {h}x{w}; for {h}x{w} use "
-                      f"model.arch={', '.join(fit)}, or resize the data with data.image_size=S ({sizes})")
+                      f"model.arch={', '.join(fit)}, or resize the data with {resize} ({sizes})")
 
 
 def dcgan_pair(G: nn.Module, D: nn.Module) -> dict[str, nn.Module]:
