@@ -43,6 +43,9 @@ class DataConfig:
     subset: int = 0  # keep the first N images (after the class filter); 0 = all
     normal_class: int = -1  # train only on this label (anomaly detection: the "normal" digit); -1 = all
     image_size: int = 0  # resize to S x S (GANomaly: MNIST at 32); 0 = native size
+    # how a non-square image becomes S x S: center_crop (shorter side to S, centre kept; torchvision's Resize +
+    # CenterCrop) | stretch (both sides to S) | pad (longer side to S, black borders); square images: all the same
+    resize: str = "center_crop"
     download: bool = infra(False)  # let torchvision download a missing dataset (needs internet)
     on_device: str = infra("auto")  # keep the whole uint8 set on the training device: auto | yes | no
 
@@ -66,7 +69,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "nonsaturating"  # registry key: nonsaturating | lsgan | hinge | wgan_gp
+    name: str = "nonsaturating"  # registry key (gancore/losses.py; `jobs/train.py --help` lists the registered names)
     label_smoothing: float = 1.0  # one-sided smoothing: target for real images (ablation: 0.9); 1.0 = off
     instance_noise: float = 0.0  # sigma of Gaussian noise on D inputs (MNIST report: 0.05); 0 = off
     gp_weight: float = 10.0  # WGAN-GP lambda
@@ -201,6 +204,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.split": ("train", "test"),
     "data.on_device": ("auto", "yes", "no"),
+    "data.resize": ("center_crop", "stretch", "pad"),
     "model.batchnorm": ("both", "g", "d", "none"),
     "model.g_act": ("relu", "lrelu", "tanh"),
     "model.d_act": ("relu", "lrelu", "tanh"),
@@ -551,11 +555,30 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def data_label(data: DataConfig) -> str:
+    """What a run's data is called: the folder's or file's name for data.path (folder / npz), else data.name."""
+    if not data.path:
+        return data.name
+    p = Path(data.path).expanduser()
+    stem = (p.name or p.resolve().name) if p.suffix != ".npz" else p.stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or data.name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset file (with its bases) <- dotted overrides, validated."""
-    d = read_yaml(path) if path else {}
-    d = _deep_merge(d, parse_overrides(list(overrides)))
-    return from_dict(d)
+    """Defaults <- preset file (with its bases) <- dotted overrides, validated.
+
+    Unless `name=` is given, a run without a preset is named after its data (`data_label`: mnist, cats), and a run
+    of a preset whose data.path comes from the command line after the preset and its data (folder-cats)."""
+    preset = read_yaml(path) if path else {}
+    over = parse_overrides(list(overrides))
+    cfg = from_dict(_deep_merge(preset, over))
+    if "name" in over:
+        return cfg
+    if not path:
+        return dataclasses.replace(cfg, name=data_label(cfg.data))
+    if cfg.data.path and not (preset.get("data") or {}).get("path"):
+        return dataclasses.replace(cfg, name=f"{cfg.name}-{data_label(cfg.data)}")
+    return cfg
 
 
 def replace(cfg: Config, **dotted: Any) -> Config:

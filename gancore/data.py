@@ -161,9 +161,14 @@ def _npz(cfg: DataConfig) -> Arrays:
     return x, y
 
 
+FOLDER_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+
+
 @DATASETS.register("folder")
 def _folder(cfg: DataConfig) -> Arrays:
-    """An image folder: images directly inside (label 0) or in one sub-folder per class (sorted names)."""
+    """An image folder: images directly inside (label 0) or in one sub-folder per class (sorted names: label 0, 1,
+    ...; images beside the sub-folders are label 0 too). Each image is made S x S (data.image_size) as data.resize
+    says; with data.image_size=0 all images must already have one size."""
     from PIL import Image
 
     if not cfg.path:
@@ -174,7 +179,7 @@ def _folder(cfg: DataConfig) -> Arrays:
                         "(data.name=npz reads an .npz file)")
     if not root.is_dir():
         raise _missing("folder", [root], "check data.path")
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+    exts = set(FOLDER_EXTS)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     items = [(p, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in exts]
     for i, c in enumerate(classes):
@@ -186,13 +191,20 @@ def _folder(cfg: DataConfig) -> Arrays:
         try:
             with Image.open(p) as im:
                 im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
-                if cfg.image_size:
-                    im = im.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-                imgs.append(np.asarray(im))
+                a = np.asarray(im)
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise DataError(f"cannot read image {p} ({type(e).__name__}); remove or replace it") from None
-    if len({a.shape for a in imgs}) > 1:
-        raise DataError(f"images in {root} differ in size; set data.image_size=S to resize them")
+        if cfg.image_size:  # (H, W[, C]) -> (S, S[, C]), one image at a time (sizes may differ)
+            t = torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
+            a = resize_uint8(t[None], cfg.image_size, cfg.resize)[0].permute(1, 2, 0).squeeze(-1).numpy()
+        imgs.append(a)
+    if len({a.shape[-1] if a.ndim == 3 else 1 for a in imgs}) > 1:  # some grey, some colour: all as colour
+        imgs = [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in imgs]
+    sizes = sorted({a.shape[:2] for a in imgs})
+    if len(sizes) > 1 or (not cfg.image_size and sizes[0][0] != sizes[0][1]):
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+        raise DataError(f"images in {root} are {shown} (height x width); set data.image_size=S (e.g. 32 or 64) to "
+                        "make them S x S; data.resize says how: center_crop (default), stretch or pad")
     return np.stack(imgs), np.array([c for _, c in items], np.int64)
 
 
@@ -209,18 +221,37 @@ def load_images(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = x[: cfg.subset], y[: cfg.subset]
     xt = torch.from_numpy(np.array(x, copy=True))  # own, writable memory (the cache is mmapped)
     xt = xt.unsqueeze(1) if xt.ndim == 3 else xt.permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
-    if cfg.image_size and xt.shape[-1] != cfg.image_size:
-        xt = resize_uint8(xt, cfg.image_size)
+    if cfg.image_size and tuple(xt.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        xt = resize_uint8(xt, cfg.image_size, cfg.resize)
     return xt, torch.from_numpy(y)
 
 
-def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of uint8 images, rounded back to uint8."""
+def resize_uint8(x: torch.Tensor, size: int, mode: str = "stretch") -> torch.Tensor:
+    """uint8 (N, C, H, W) -> (N, C, size, size) by a bilinear (antialiased) resize, rounded back to uint8.
+
+    How a non-square image becomes square (data.resize; all three are the same for square images):
+    stretch      both sides to `size` (the aspect ratio changes)
+    center_crop  the shorter side to `size`, then the centre `size` x `size` (torchvision's Resize + CenterCrop)
+    pad          the longer side to `size`, then black borders on both sides of the shorter one
+    """
+    h, w = x.shape[-2:]
+    if mode == "stretch" or h == w:
+        hw = (size, size)
+    else:  # center_crop: the shorter side becomes `size`; pad: the longer one (the other keeps the aspect ratio)
+        fit = min(h, w) if mode == "center_crop" else max(h, w)
+        hw = tuple(size if s == fit else max(1, int(s * size / fit)) for s in (h, w))  # torchvision truncates too
     out = []
     for chunk in x.split(4096):
-        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        f = F.interpolate(chunk.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
         out.append(f.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    y = torch.cat(out)
+    if hw[0] > size or hw[1] > size:  # center_crop: (N, C, >= size, >= size) -> the centre
+        top, left = int(round((hw[0] - size) / 2)), int(round((hw[1] - size) / 2))  # torchvision's offsets
+        y = y[..., top: top + size, left: left + size]
+    elif hw != (size, size):  # pad: (N, C, <= size, <= size) -> centred on black
+        top, left = (size - hw[0]) // 2, (size - hw[1]) // 2
+        y = F.pad(y, (left, size - hw[1] - left, top, size - hw[0] - top), value=0)
+    return y.contiguous()
 
 
 class DeviceLoader:

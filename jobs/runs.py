@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""List tracked runs: `python jobs/runs.py [--experiment NAME] [--sort METRIC] [--limit N] [--uri URI]`;
+"""List tracked runs: `python jobs/runs.py [--experiment NAME] [--sort METRIC] [--limit N] [--columns KEYS] [--uri URI]`;
 compare two: `python jobs/runs.py --compare RUN_A RUN_B [--uri URI]`."""
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                    help="two run ids (or unique prefixes, e.g. the table's 8 characters): the params that differ "
                    "and every metric's last value, side by side")
+    p.add_argument("--columns", default="", metavar="KEYS",
+                   help="more columns, comma-separated: param keys (optim.lr_g), metric names (their last value), "
+                   "or 'all' (family, model.arch and the params that differ between the runs); the default fits 80 "
+                   "columns")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     args = p.parse_args(argv)
 
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             Console().print(compare_table(*args.compare, uri=args.uri))
         else:
-            Console().print(runs_table(args.experiment, sort=args.sort, limit=args.limit, uri=args.uri))
+            cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+            Console().print(runs_table(args.experiment, sort=args.sort, limit=args.limit, uri=args.uri, columns=cols))
         return 0
 
     return call(show)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -29,8 +30,18 @@ def resume_arg(v: str) -> str:
     return v
 
 
+def registered_names() -> str:
+    """--help's epilog: the names each registry key takes, read from the registries (gancore/registry.py)."""
+    from gancore.registry import DATASETS, FAMILIES, LOSSES, MODELS
+
+    rows = [("family", FAMILIES), ("model.arch", MODELS), ("loss.name", LOSSES), ("data.name", DATASETS)]
+    return "registered names (key=NAME):\n" + "\n".join(f"  {k}: {', '.join(r.names())}" for k, r in rows)
+
+
 def main() -> int:
-    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    wants_help = bool({"-h", "--help"} & set(sys.argv[1:]))  # the registries import torch: only for --help
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=registered_names() if wants_help else None)
     ap.add_argument("--config", help="preset YAML (configs/*.yaml); defaults alone when omitted")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=1e-4 model.nz=64")
     ap.add_argument("--out", type=out_dir, help="run directory (default runs/<preset>-<timestamp>)")
@@ -62,10 +73,14 @@ def main() -> int:
     sq = sorted((k for k in result.metrics if k.startswith(quality)),
                 key=lambda k: ([i for i, p in enumerate(quality) if k.startswith(p)][0], k))
     if sq:
+        from gancore.metrics import degenerate
+
         print(f"sample quality at step {result.step} (lower FID/KID is better, higher IS; the key names the "
-              "extractor and sample count):")
+              "extractor and sample count; FID/KID are in that extractor's feature units, so compare a value only "
+              "with the same key; README \"Metrics\" gives the scales):")
         for k in sq:
-            print(f"  {k} = {result.metrics[k]:.4f}")
+            why = degenerate(k, result.metrics[k])
+            print(f"  {k} = {result.metrics[k]:.4f}" + (f"  <- {why}" if why else ""))
     return 0
 
 

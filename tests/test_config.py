@@ -167,3 +167,18 @@ def test_every_report_preset_has_its_reports_values():
         assert not wrong, f"{preset}: (preset, report or goal) {wrong}"
     # the latent ablation is nz 50 and 200 (the report's), no longer 32 and 256
     assert not (ROOT / "configs" / "cifar10_dcgan_nz32.yaml").exists()
+
+
+def test_runs_are_named_after_their_data(tmp_path):
+    """Without a preset a run is named after its data; a preset given a data.path on the command line adds the
+    data's name; name= always wins."""
+    from gancore.config import load_config
+
+    cats = tmp_path / "My Cats"
+    assert load_config(None, []).name == "mnist"
+    assert load_config(None, ["data.name=cifar10"]).name == "cifar10"
+    assert load_config(None, ["data.name=folder", f"data.path={cats}/"]).name == "My_Cats"
+    assert load_config(None, ["data.name=npz", f"data.path={tmp_path / 'faces.npz'}"]).name == "faces"
+    assert load_config(ROOT / "configs" / "folder.yaml", [f"data.path={cats}"]).name == "folder-My_Cats"
+    assert load_config(ROOT / "configs" / "quickstart.yaml", []).name == "quickstart"
+    assert load_config(None, ["name=mine", "data.name=cifar10"]).name == "mine"

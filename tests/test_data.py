@@ -112,3 +112,67 @@ def test_bad_paths_are_one_line(tmp_path):
         with pytest.raises(DataError) as e:
             load_images(cfg)
         assert message in str(e.value) and "\n" not in str(e.value), (cfg, str(e.value))
+
+
+def test_resize_modes_by_hand():
+    """center_crop keeps the centre, pad adds black borders, stretch changes the aspect ratio (a 2x4 image; the
+    fitted side already has the target size, so no interpolation blurs the expected values)."""
+    from gancore.data import resize_uint8
+
+    x = torch.arange(1, 9, dtype=torch.uint8).view(1, 1, 2, 4)  # rows [1 2 3 4], [5 6 7 8]
+    assert resize_uint8(x, 2, "center_crop")[0, 0].tolist() == [[2, 3], [6, 7]]
+    assert resize_uint8(x, 4, "pad")[0, 0].tolist() == [[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8], [0, 0, 0, 0]]
+    tall = x.transpose(2, 3).contiguous()  # 4x2: the crop keeps the middle rows
+    assert resize_uint8(tall, 2, "center_crop")[0, 0].tolist() == [[2, 6], [3, 7]]
+    stretched = resize_uint8(x, 4, "stretch")
+    ref = torch.nn.functional.interpolate(x.float(), size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
+    assert stretched.shape == (1, 1, 4, 4) and torch.equal(stretched, ref.round().to(torch.uint8))
+    import torchvision.transforms.functional as TF  # centre crop as torchvision users know it: Resize + CenterCrop
+
+    for shape, size in [((37, 53), 32), ((61, 40), 16), ((33, 47), 8), ((64, 41), 64)]:
+        img = torch.randint(0, 256, (2, 3, *shape), dtype=torch.uint8)
+        ref = TF.center_crop(TF.resize(img.float(), size, antialias=True), size).round().to(torch.uint8)
+        assert torch.equal(resize_uint8(img, size, "center_crop"), ref), shape
+    sq = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8)  # square: the three modes agree
+    assert torch.equal(resize_uint8(sq, 4, "pad"), resize_uint8(sq, 4, "center_crop"))
+    assert torch.equal(resize_uint8(sq, 4, "stretch"), resize_uint8(sq, 4, "center_crop"))
+
+
+def test_image_folder_layouts_and_sizes(tmp_path):
+    from PIL import Image
+
+    from gancore.errors import DataError
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, 10:30] = 200  # a 20x40 image whose centre 20x20 is bright, the sides dark
+    Image.fromarray(a).save(flat / "wide.png")
+    Image.fromarray(np.full((30, 30), 90, np.uint8)).save(flat / "grey.jpg")  # greyscale beside colour: as colour
+    x, y = load_images(DataConfig(name="folder", path=str(flat), image_size=10))
+    assert x.shape == (2, 3, 10, 10) and y.tolist() == [0, 0]  # sorted names: grey.jpg, wide.png
+    assert int(x[1, :, :, 1:-1].min()) == 200 and int(x[1].min()) > 150  # centre crop (default): the bright middle
+    x, _ = load_images(DataConfig(name="folder", path=str(flat), image_size=10, resize="pad"))
+    assert x[1, :, :2].max() == 0 and x[1, :, -2:].max() == 0 and int(x[1, 0, 5, 5]) == 200  # black bands
+    x, _ = load_images(DataConfig(name="folder", path=str(flat), image_size=10, resize="stretch"))
+    assert int(x[1, 0, 5, 0]) == 0 and int(x[1, 0, 5, 5]) == 200  # the dark sides squeezed in
+    with pytest.raises(DataError, match=r"are 20x40, 30x30 \(height x width\); set data.image_size=S .* "
+                                        "center_crop \\(default\\), stretch or pad"):
+        load_images(DataConfig(name="folder", path=str(flat)))
+
+
+def test_arch_size_error_lists_the_archs_that_fit():
+    from gancore.config import ModelConfig
+    from gancore.errors import ConfigError
+    from gancore.registry import MODELS
+
+    for arch, shape, fit, near in [("dcgan_mnist", (3, 32, 32), "dcgan, mlp, sndcgan", 28),
+                                   ("dcgan", (3, 28, 28), "dcgan_mnist, mlp", 32), ("sndcgan", (3, 48, 32), "mlp", 32)]:
+        with pytest.raises(ConfigError) as e:
+            MODELS[arch](ModelConfig(arch=arch), shape, 10)
+        h, w = shape[1:]
+        assert str(e.value).startswith(f"model.arch={arch} makes ") and f"for {h}x{w} use model.arch={fit}, or " \
+            f"resize the data with data.image_size={near} (" in str(e.value), str(e.value)
+        for name in fit.split(", "):  # every arch named builds for that shape
+            nets = MODELS[name](ModelConfig(arch=name, ngf=8, ndf=8), shape, 10)
+            assert nets["G"](torch.zeros(2, 100)).shape == (2, *shape)

@@ -148,3 +148,28 @@ def test_a_signal_stops_every_rank_at_one_step_and_the_resume_is_exact(tmp_path,
     procs = launch_ranks(_train_args(run_dir, "track.enabled=false", "--resume", "auto"), tmp_path)
     assert wait_ranks(procs, tmp_path, TIMEOUT) == [0, 0]
     _assert_same_state(ckpt.step_path(run_dir, STEPS), reference)
+
+
+@needs_mnist
+def test_a_signal_to_the_other_rank_ends_a_long_evaluation_on_rank_0(tmp_path):
+    """Only rank 0 evaluates; the other rank waits in ticks with it, so USR1 that reaches rank 1 alone still ends
+    rank 0's evaluation of a million images within a batch; both exit (75, 0) with the final checkpoint kept, and the
+    resume (a smaller eval.n_samples: infrastructure) runs the missing evaluation on 2 processes again."""
+    run_dir = tmp_path / "run"
+    evals = ["eval.extractor=lenet_mnist", "eval.metrics=[fid]", "track.enabled=false", "--resume", "auto"]
+    procs = launch_ranks(_train_args(run_dir, "eval.n_samples=1000000", *evals), tmp_path)
+    final = ckpt.step_path(run_dir, STEPS)
+    deadline = time.monotonic() + TIMEOUT
+    while not final.exists():  # the final checkpoint comes before the final evaluation
+        assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no final checkpoint"
+        time.sleep(0.05)
+    time.sleep(2)  # inside the evaluation
+    os.kill(procs[1].pid, signal.SIGUSR1)
+    assert wait_ranks(procs, tmp_path, TIMEOUT) == [75, 0]  # a hang guard: unstopped, it runs for hours
+    assert ckpt.load(final)["eval_pending"] is True and ckpt.latest(run_dir) == final
+    assert f"stopped at step {STEPS}/{STEPS}" in (tmp_path / "rank0.log").read_text()
+    procs = launch_ranks(_train_args(run_dir, "eval.n_samples=200", *evals), tmp_path)
+    assert wait_ranks(procs, tmp_path, TIMEOUT) == [0, 0]
+    assert "fid_lenet_200 = " in (tmp_path / "rank0.log").read_text()
+    assert ckpt.load(final)["eval_pending"] is False

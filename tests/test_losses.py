@@ -9,6 +9,7 @@ from torch import nn
 from gancore.config import LossConfig
 from gancore.losses import Hinge, InstanceNoise, LeastSquares, NonSaturating, WassersteinGP, gradient_penalty, make_loss
 from gancore.errors import RegistryError
+from conftest import needs_mnist
 
 
 class Fixed(nn.Module):
@@ -107,7 +108,7 @@ def test_instance_noise_std():
 
 
 def test_registry_error_lists_known():
-    with pytest.raises(RegistryError, match="unknown loss 'wgan'.*known: hinge, lsgan, nonsaturating, wgan_gp"):
+    with pytest.raises(RegistryError, match="unknown loss .wgan..*known: hinge, lsgan, nonsaturating, ragan, rpgan, wgan_gp"):
         make_loss(LossConfig(name="wgan"))
 
 
@@ -158,3 +159,109 @@ def test_penalty_batch_takes_the_first_images_only():
     x = torch.randn(5, 1, 28, 28)
     _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), {})
     assert stats["D/r1"].item() == pytest.approx(x[:2].flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_ragan_by_hand_and_g_gradient():
+    from gancore.losses import RelativisticAverage
+
+    D, real, fake = Fixed(), imgs(2.0, -1.0), imgs(0.5, -3.0)
+    # mean D(x) = 0.5, mean D(G(z)) = -1.25: relative logits real [3.25, 0.25], fake [0, -3.5]
+    loss, stats = RelativisticAverage(LossConfig()).d_loss(D, real, fake)
+    assert loss.item() == pytest.approx((sp(-3.25) + sp(-0.25)) / 2 + (sp(0.0) + sp(-3.5)) / 2, rel=1e-6)
+    fake = fake.clone().requires_grad_(True)
+    g, _ = RelativisticAverage(LossConfig()).g_loss(D, fake, real=real)
+    assert g.item() == pytest.approx((sp(-0.0) + sp(3.5)) / 2 + (sp(3.25) + sp(0.25)) / 2, rel=1e-6)
+    # dG/dD(G(z))_j = -sigmoid(-rf_j)/B - mean_i sigmoid(rr_i)/B (the second through mean D(G(z)) in rr)
+    g.backward()
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    want = [-sig(-rf) / 2 - (sig(3.25) + sig(0.25)) / 2 / 2 for rf in (0.0, -3.5)]
+    assert fake.grad.flatten().tolist() == pytest.approx(want, rel=1e-6)
+
+
+class Quad(nn.Module):
+    """D(x) = a * ||x||^2 / 2, so grad_x D = a x and ||grad_x D||^2 = a^2 ||x||^2 (the R1/R2 penalties by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, y=None):
+        return (0.5 * self.a * x.flatten(1).pow(2).sum(1, keepdim=True))
+
+
+def test_rpgan_by_hand():
+    from gancore.losses import RelativisticPairing
+
+    D = Quad()
+    real = torch.tensor([[1.0, 2.0], [0.0, 3.0]]).view(2, 1, 1, 2)  # D(x) = [2.5, 4.5]
+    fake = torch.tensor([[1.0, 1.0], [2.0, 0.0]]).view(2, 1, 1, 2)  # D(G(z)) = [1, 2]
+    loss, stats = RelativisticPairing(LossConfig(name="rpgan")).d_loss(D, real, fake)
+    assert loss.item() == pytest.approx((sp(1 - 2.5) + sp(2 - 4.5)) / 2, rel=1e-6)  # pairs (fake_i, real_i)
+    assert stats["D/acc"].item() == 1.0  # both reals score above their fakes
+    g, _ = RelativisticPairing(LossConfig(name="rpgan")).g_loss(D, fake, real=real)
+    assert g.item() == pytest.approx((sp(2.5 - 1) + sp(4.5 - 2)) / 2, rel=1e-6)
+    with pytest.raises(Exception, match="loss.name=rpgan needs the real batch in the generator step"):
+        RelativisticPairing(LossConfig(name="rpgan")).g_loss(D, fake)
+
+
+def test_rpgan_with_r1_r2_through_the_gan_family_by_hand():
+    """R3GAN's loss: RpGAN plus the family's R1 (reals) and R2 (fakes), values and D's parameter gradient."""
+    from gancore.config import from_dict
+    from gancore.families.base import Batch
+    from gancore.families.gan import GAN
+
+    g1, g2 = 0.2, 0.4
+    cfg = from_dict({"loss": {"name": "rpgan", "r1": g1, "r2": g2},
+                     "model": {"arch": "dcgan_mnist", "ngf": 8, "ndf": 8, "nz": 4}})
+    fam = GAN(cfg, (1, 28, 28), 10)
+    fam.networks["D"] = D = Quad()
+    torch.manual_seed(0)
+    x, ctx = 0.1 * torch.randn(3, 1, 28, 28), {}
+    loss, stats = fam.d_loss(Batch(x, torch.zeros(3, dtype=torch.long)), ctx)
+    fake = ctx["fake"][0].detach()
+    qr, qf = x.flatten(1).pow(2).sum(1), fake.flatten(1).pow(2).sum(1)  # ||x||^2: D = q/2, grad = x, penalty = q
+    d = 0.5 * (qf - qr)  # D(G(z)_i) - D(x_i) at a = 1
+    adv = torch.nn.functional.softplus(d).mean()
+    assert stats["D/r1"].item() == pytest.approx(qr.mean().item(), rel=1e-5)
+    assert stats["D/r2"].item() == pytest.approx(qf.mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx((adv + 0.5 * g1 * qr.mean() + 0.5 * g2 * qf.mean()).item(), rel=1e-5)
+    # the penalties reach D's parameter: penalty = a^2 q, so d/da (g/2 a^2 q) = g q at a = 1
+    loss.backward()
+    want = (torch.sigmoid(d) * d).mean() + g1 * qr.mean() + g2 * qf.mean()
+    assert D.a.grad.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", ["ragan", "rpgan"])
+def test_relativistic_losses_train_through_the_gan_family_unchanged(name):
+    """The GAN family hands the real batch to losses that ask for it: a few real steps, every statistic finite."""
+    from conftest import tiny
+    from gancore.train.loop import fit
+
+    r = fit(tiny(f"loss.name={name}", "train.epochs=1", "loss.r1=0.5", "loss.r2=0.5"), out="r")
+    assert r.status == "finished" and r.step == 4
+    from gancore.train import state as ckpt
+
+    h = ckpt.load(r.checkpoint)["history"]
+    assert all(math.isfinite(v) for v in h["Loss/D"] + h["Loss/G"]), h
+    assert h["D/r1"][0] > 0 and h["D/r2"][0] > 0  # both penalties measured on the images
+
+
+def test_loss_names_come_from_the_registry():
+    from gancore.registry import LOSSES
+
+    assert {"ragan", "rpgan"} <= set(LOSSES.names())
+    with pytest.raises(RegistryError, match="unknown loss 'rpgna'.*known: " + ", ".join(LOSSES.names())):
+        make_loss(LossConfig(name="rpgna"))
+
+
+def test_train_help_lists_the_registered_losses():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from gancore.registry import LOSSES
+
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and f"  loss.name: {', '.join(LOSSES.names())}\n" in p.stdout, p.stdout

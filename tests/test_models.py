@@ -142,7 +142,7 @@ def test_bad_image_size_for_dcgan():
 
 
 PRESETS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "folder": (3, 64, 64)}  # folder: RGB at its image_size
 
 
 @pytest.mark.parametrize("preset", PRESETS)

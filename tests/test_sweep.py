@@ -353,3 +353,32 @@ def test_sqlite_workers_never_pop_the_same_queued_trial(tmp_path):
     for p in procs:
         p.join()
     assert sorted(popped) == sorted(t._trial_id for t in study.get_trials())
+
+
+@needs_mnist
+def test_a_sweep_that_fails_its_checks_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A wrong objective is found before anything is written; a check that fails after the storage was opened (here
+    the metric caches) removes the study file and the folders it made; an existing study's file is never removed."""
+    from gancore.errors import MetricsError
+
+    bad = load_sweep(sweep_file(tmp_path, objective="fid_lenet_100"))  # the trials report fid_lenet_200
+    with pytest.raises(SweepError, match="objective fid_lenet_100 is not what the trials report: fid_lenet_200"):
+        sweep_run.run_sweep(bad, workers=1)
+    assert not (tmp_path / "sweeps").exists()
+
+    def fails(*a, **k):
+        raise MetricsError("no extractor weights (simulated)")
+
+    good = load_sweep(sweep_file(tmp_path))
+    monkeypatch.setattr(sweep_run, "_warm_metrics", fails)
+    with pytest.raises(MetricsError, match="simulated"):
+        sweep_run.prepare(good)
+    assert not (tmp_path / "sweeps").exists()
+    monkeypatch.undo()
+    study, _ = sweep_run.prepare(good)  # a real study now
+    db = tmp_path / "sweeps" / "tiny" / "optuna.db"
+    assert db.is_file()
+    monkeypatch.setattr(sweep_run, "_warm_metrics", fails)
+    with pytest.raises(MetricsError):
+        sweep_run.prepare(good)
+    assert db.is_file() and optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}").study_name == "tiny"

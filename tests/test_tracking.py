@@ -338,7 +338,8 @@ def test_runs_table_and_cli(store):
     cli = [sys.executable, str(REPO / "jobs" / "runs.py"), "--experiment", "test"]
     out = subprocess.run(cli, cwd=store, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "run0" in out.stdout and "run1" in out.stdout and "12.5 (fid_lenet_10k)" in out.stdout
+    assert "run0" in out.stdout and "run1" in out.stdout and "fid_lenet_10k" in out.stdout  # one key: in the header
+    assert [line.split()[-1] for line in out.stdout.splitlines() if "run0" in line] == ["12.5"]
 
 
 def test_runs_cli_user_error_is_one_line_exit_2(store, capsys):
@@ -359,3 +360,38 @@ def test_runs_without_store_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(TrackingError, match="no MLflow store at"):
         tracking.list_runs("gancore")
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_runs_table_shows_the_budget_trained_and_fits_80_columns(store):
+    """Default columns fit an 80-column terminal (no cell cut to '…'); the budget is what was set (steps or epochs)
+    and, short of it, how far the run got; --columns adds params and metrics."""
+    from rich.console import Console
+
+    runs = [("name=folder-cats", "train.max_steps=30", [(10, 1 / 3), (30, 1.0)], 41.5),
+            ("name=mnist", "train.epochs=5", [(400, 4.0), (500, 5.0)], 12.25),
+            ("name=quickstart", "train.epochs=5", [(100, 1.0), (150, 1.5)], None)]  # stopped at 1.5 of 5 epochs
+    for name, budget, epochs, fid in runs:
+        cfg = _cfg(name, budget, "optim.lr_g=1e-4" if "cats" in name else "optim.lr_g=2e-4")
+        tr = make_tracker(cfg, is_main=True)
+        tr.start(cfg, store / name)
+        for step, ep in epochs:
+            tr.log_metrics({"Loss/D": 1.25, "Loss/G": 0.75, "epoch": ep}, step)
+        if fid is not None:
+            tr.log_metrics({"fid_lenet_1k": fid}, epochs[-1][0])
+        tr.finish("KILLED" if fid is None else "FINISHED")
+    by_name = {r["name"]: r for r in tracking.list_runs("test")}
+    assert by_name["folder-cats"]["budget"] == "30 steps" and by_name["mnist"]["budget"] == "5 epochs"
+    assert by_name["quickstart"]["budget"] == "1.5/5 epochs"
+    console = Console(width=80, record=True)
+    console.print(tracking.runs_table("test"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text, text
+    for cell in ("folder-cats", "30 steps", "1.5/5 epochs", "KILLED", "41.5", "12.25", "fid_lenet_1k"):
+        assert cell in text, (cell, text)
+    assert "optim.lr_g" not in text  # params only on request
+    wide = Console(width=200, record=True)
+    wide.print(tracking.runs_table("test", columns=("all", "epoch")))
+    text = wide.export_text()
+    assert "optim.lr_g" in text and "0.0001" in text and "model.arch" in text and "epoch" in text
+    with pytest.raises(TrackingError, match="--columns optim.lrg: no listed run has a param or metric 'optim.lrg'"):
+        tracking.runs_table("test", columns=("optim.lrg",))

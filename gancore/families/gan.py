@@ -58,7 +58,9 @@ class GAN(Family):
     def g_loss(self, batch: Batch, step: StepContext):
         D = self.networks["D"]
         fake, y = step.pop("fake")  # the last D step's G(z); popped: the graph is released after use
-        return self.loss.g_loss(D, self.noise(fake), y)
+        # relativistic losses compare with this step's real batch (the last D step's); others are given none
+        real = self.noise(batch.x) if self.loss.uses_real_in_g else None
+        return self.loss.g_loss(D, self.noise(fake), y, real=real)
 
     def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         z = torch.randn(n, self.nz, generator=generator)

@@ -115,6 +115,9 @@ class GANomaly(Family):
         if g.disc == "latent" and cfg.loss.name == "wgan_gp":
             raise ConfigError("loss.name=wgan_gp's gradient penalty expects image-shaped D inputs; "
                               "use ganomaly.disc=image or another loss.name")
+        if make_loss(cfg.loss).uses_real_in_g:  # its G step (encoder codes / x_hat) has no real batch to pass
+            raise ConfigError(f"loss.name={cfg.loss.name} compares fakes with reals in the generator step, which "
+                              "family=ganomaly does not have; use loss.name=nonsaturating, lsgan or hinge")
         nets = MODELS[cfg.model.arch](cfg.model, image_shape, num_classes, disc=g.disc)
         self.networks = {"G": nets["G"], "D": nets["D"]}
         self.optimizers = {

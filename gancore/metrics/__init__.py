@@ -18,7 +18,9 @@ from gancore.metrics.classifier import DOMAIN, FOR_DATASET, extractor_path, trai
 from gancore.metrics.extractors import default_inception_path, resolve
 from gancore.metrics.fidelity import (
     ALL_METRICS,
+    EvaluationStopped,
     count_tag,
+    degenerate,
     evaluate,
     frechet_distance,
     metric_key,
@@ -31,7 +33,7 @@ from gancore.metrics.fidelity import (
 from gancore.metrics.figures import class_accuracy, tsne_figure, tsne_plot
 
 __all__ = [
-    "ALL_METRICS", "DOMAIN", "FOR_DATASET", "class_accuracy", "count_tag", "default_inception_path", "evaluate",
+    "ALL_METRICS", "DOMAIN", "EvaluationStopped", "FOR_DATASET", "class_accuracy", "count_tag", "default_inception_path", "degenerate", "evaluate",
     "extractor_path", "frechet_distance", "metric_key", "protocol", "protocol_key", "protocol_tag",
     "real_statistics", "resolve", "statistics",
     "train_classifier", "tsne_figure", "tsne_plot",

@@ -44,6 +44,29 @@ SEED = 2020  # torch-fidelity's default rng_seed: our IS splits and KID subsets 
 STATS_FORMAT = 1  # bump when the cached statistics change meaning
 
 
+class EvaluationStopped(Exception):
+    """A stop request (the training loop's StopFlag) ended an evaluation between two extractor batches; the chunks
+    already cached stay, nothing is logged."""
+
+
+def _check(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise EvaluationStopped("evaluation stopped by a stop request")
+
+
+IS_FLOOR_FLAG = 1.05  # an IS this close to its floor of 1.0 is flagged (`degenerate`)
+
+
+def degenerate(key: str, value: float) -> str | None:
+    """Why a sample-quality value says nothing about quality, or None. IS = exp(E KL(p(y|x) || p(y))) is 1.0 when the
+    classifier gives every generated image the same class distribution: collapsed or unrecognisable samples (an
+    untrained G gives 1.00), not a low-but-fair score."""
+    if key.removeprefix("best_").startswith("is_") and value <= IS_FLOOR_FLAG:
+        return (f"degenerate: IS {value:.3g} is at its floor 1.0 (the classifier sees the same class mix in every "
+                "generated image: collapsed or unrecognisable samples); look at the sample grids")
+    return None
+
+
 def count_tag(n: int) -> str:
     """Sample count in metric names: 10000 -> 10k, 50000 -> 50k, 500 -> 500, 2500 -> 2500."""
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
@@ -73,10 +96,14 @@ def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def features(fe: FeatureExtractorBase, batches: Iterator[torch.Tensor], total: int, device: torch.device | str,
              desc: str = "features", progress: bool = False,
-             on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Run uint8 batches through `fe`; {layer: (N, D) float32 on the CPU}. `on_batch(k)` after each batch."""
+             on_batch: Callable[[int], None] | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Run uint8 batches through `fe`; {layer: (N, D) float32 on the CPU}. `on_batch(k)` after each batch.
+    `stop()` is asked before each batch (sampling + one forward pass: seconds at most); True raises
+    EvaluationStopped."""
     out: dict[str, list[torch.Tensor]] = {k: [] for k in fe.get_requested_features_list()}
     with Bar(desc, total, enabled=progress, note="") as bar:
+        _check(stop)
         for x in batches:
             feats = fe.convert_features_tuple_to_dict(fe(extractors.as_input(fe, x.to(device))))
             for k, v in feats.items():
@@ -84,6 +111,7 @@ def features(fe: FeatureExtractorBase, batches: Iterator[torch.Tensor], total: i
             bar.advance(len(x))
             if on_batch is not None:
                 on_batch(len(x))
+            _check(stop)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -93,11 +121,12 @@ SAMPLE_BLOCK = 250  # generated images per sampler call: fixes the latents whate
 
 def chunked_features(fe: FeatureExtractorBase, chunk_sampler: Callable[[int], Callable[[int], torch.Tensor]],
                      n: int, batch: int, device: torch.device | str, cache: Path,
-                     progress: bool = False, desc: str = "generated features") -> dict[str, torch.Tensor]:
+                     progress: bool = False, desc: str = "generated features",
+                     stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Features of n generated images, CHUNK at a time, each chunk saved under `cache` as soon as it is done, so an
     interrupted evaluation (Ctrl-C, a preempted job) continues at the first missing chunk. chunk_sampler(i) is
     chunk i's sampler (b -> b uint8 images, seeded per chunk): a chunk is the same whether computed in one go or
-    after a restart."""
+    after a restart. `stop`: see `features` (the chunks done so far stay cached)."""
     sizes = [min(CHUNK, n - lo) for lo in range(0, n, CHUNK)]
     files = [cache / f"chunk_{i:05d}-{size}.pt" for i, size in enumerate(sizes)]
     done = sum(size for f, size in zip(files, sizes) if f.is_file())
@@ -111,7 +140,7 @@ def chunked_features(fe: FeatureExtractorBase, chunk_sampler: Callable[[int], Ca
                 except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
                     pass  # torn: compute it again
             feats = features(fe, sampled_batches(chunk_sampler(i), size, batch), size, device,
-                             on_batch=lambda k: bar.advance(k))
+                             on_batch=lambda k: bar.advance(k), stop=stop)
             try:
                 atomic_write(f, lambda fh, feats=feats: torch.save(feats, fh))
             except OSError as e:
@@ -166,7 +195,7 @@ def stats_path(cfg: Config, extractor_name: str, extractor_id: str, x_real: torc
 
 
 def _real_features(fe: FeatureExtractorBase, x_real: torch.Tensor, batch: int, device: torch.device | str,
-                   progress: bool, parts: Path) -> dict[str, torch.Tensor]:
+                   progress: bool, parts: Path, stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Features of the real images (the expensive step the cache saves), in chunks cached under `parts` until the
     statistics are written, so an interrupted first evaluation (35 min for 10k Inception features on a CPU)
     continues where it stopped."""
@@ -178,11 +207,12 @@ def _real_features(fe: FeatureExtractorBase, x_real: torch.Tensor, batch: int, d
             return x_real[pos[0] - b: pos[0]]
         return take
 
-    return chunked_features(fe, chunk, len(x_real), batch, device, parts, progress, "real features")
+    return chunked_features(fe, chunk, len(x_real), batch, device, parts, progress, "real features", stop)
 
 
 def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, extractor_id: str,
-                    x_real: torch.Tensor, device: torch.device | str, progress: bool = False) -> dict[str, np.ndarray]:
+                    x_real: torch.Tensor, device: torch.device | str, progress: bool = False,
+                    stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
     """{"mu" (D,), "sigma" (D, D) float64, "features" (<= PAIRWISE_MAX, D) float32} of the real images, cached."""
     path = stats_path(cfg, extractor_name, extractor_id, x_real)
     if path.is_file():
@@ -193,7 +223,7 @@ def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, 
             pass  # unreadable (e.g. a disk-full write): recompute and overwrite
     layer, _ = extractors.layers(fe)
     parts = path.with_name(path.stem + ".parts")
-    f = _real_features(fe, x_real, eval_batch(cfg, device), device, progress, parts)[layer]
+    f = _real_features(fe, x_real, eval_batch(cfg, device), device, progress, parts, stop)[layer]
     st = statistics(f)
     out = {"mu": st["mu"], "sigma": st["sigma"], "features": f[:PAIRWISE_MAX].numpy()}
     try:
@@ -286,7 +316,8 @@ def protocol_tag(proto: dict[str, Any]) -> dict[str, str]:
 def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,
              extractor: str | None = None, n: int | None = None, *, metrics: tuple[str, ...] = ALL_METRICS,
              progress: bool = False,
-             resumable: tuple[Callable[[int], Callable[[int], torch.Tensor]], Path] | None = None) -> dict[str, float]:
+             resumable: tuple[Callable[[int], Callable[[int], torch.Tensor]], Path] | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """FID/IS/KID/precision/recall of n generated images against cached real statistics, named by protocol.
 
     sample_uint8(b) returns b generated images, uint8 (b, C, H, W) on `device`, C = 1 or 3.
@@ -296,6 +327,8 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     notice) when the Inception weights have no classification layer (the offline build).
     `resumable=(chunk_sampler, folder)`: the generated images come from chunk_sampler (see chunked_features) and
     their features are cached in chunks under folder/<extractor and count digest>/, so a rerun continues.
+    `stop()` is asked before every extractor batch (real and generated): True ends the evaluation within one batch
+    with EvaluationStopped (the training loop's stop signals; chunks cached so far are kept).
     """
     n = cfg.eval.n_samples if n is None else int(n)
     if n <= 0:
@@ -304,9 +337,13 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     if unknown:
         raise MetricsError(f"unknown metric(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_METRICS)}")
     x_real = real_images(cfg, n)
+    if len(x_real) < n:  # more generated images than real ones: the numbers compare unequal sample sizes
+        extractors.notice(f"{n} generated images against only {len(x_real)} real ones ({cfg.data.name} "
+                          f"{real_split(cfg)}); FID and KID are measured on unequal sets, so set "
+                          f"eval.n_samples={len(x_real)} or fewer (or use more real images)")
     name = extractors.resolve(cfg, extractor, channels=x_real.shape[1])
     fe, fe_id = extractors.load(name, cfg, device)
-    real = real_statistics(cfg, name, fe, fe_id, x_real, device, progress)
+    real = real_statistics(cfg, name, fe, fe_id, x_real, device, progress, stop)
 
     want_is = "is" in metrics
     if want_is and not extractors.has_classifier(fe):
@@ -317,9 +354,11 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     if resumable is not None:
         chunk_sampler, folder = resumable
         key = hashlib.sha1(f"{fe_id}|{n}|{CHUNK}|{SAMPLE_BLOCK}".encode()).hexdigest()[:16]
-        gen = chunked_features(fe, chunk_sampler, n, eval_batch(cfg, device), device, Path(folder) / key, progress)
+        gen = chunked_features(fe, chunk_sampler, n, eval_batch(cfg, device), device, Path(folder) / key, progress,
+                               stop=stop)
     else:
-        gen = features(fe, sampled_batches(sample_uint8, n, eval_batch(cfg, device)), n, device, "generated", progress)
+        gen = features(fe, sampled_batches(sample_uint8, n, eval_batch(cfg, device)), n, device, "generated", progress,
+                       stop=stop)
 
     out: dict[str, float] = {}
     m_pair = min(n, PAIRWISE_MAX)

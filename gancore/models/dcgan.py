@@ -13,7 +13,7 @@ from torch import nn
 
 from gancore.config import ModelConfig
 from gancore.errors import ConfigError
-from gancore.models.layers import LabelMap, act, dcgan_pair, maybe_sn
+from gancore.models.layers import LabelMap, act, check_size, dcgan_pair, four_times_power_of_2, image_sizes, maybe_sn
 from gancore.registry import MODELS
 
 
@@ -68,10 +68,9 @@ class MNISTDiscriminator(nn.Module):
 
 
 @MODELS.register("dcgan_mnist")
+@image_sizes("28x28", lambda h, w: (h, w) == (28, 28))  # G's fc -> (128, 7, 7) -> 14 -> 28 is fixed
 def build_dcgan_mnist(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
-    if tuple(image_shape[1:]) != (28, 28):  # G's fc -> (128, 7, 7) -> 14 -> 28 is fixed
-        raise ConfigError(f"model.arch=dcgan_mnist makes 28x28 images, the data is {image_shape[1]}x{image_shape[2]}; "
-                          "use data.image_size=0 (or 28) or model.arch=dcgan")
+    check_size("dcgan_mnist", image_shape)
     nc = num_classes if m.conditional else 0
     G = MNISTGenerator(m.nz, image_shape[0], m.batchnorm in ("both", "g"), m.g_act, nc, m.embed_dim)
     D = MNISTDiscriminator(image_shape, m.batchnorm in ("both", "d"), m.d_act, m.spectral_norm, nc)
@@ -145,6 +144,8 @@ class DCGANDiscriminator(nn.Module):
 
 
 @MODELS.register("dcgan")
+@image_sizes("square 4 * 2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
 def build_dcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
+    check_size("dcgan", image_shape)
     nc = num_classes if m.conditional else 0
     return dcgan_pair(DCGANGenerator(m, image_shape, nc), DCGANDiscriminator(m, image_shape, nc))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gancore.config import ModelConfig
-from gancore.models.layers import maybe_sn
+from gancore.models.layers import image_sizes, maybe_sn
 from gancore.registry import MODELS
 
 
@@ -54,6 +54,7 @@ class MLPDiscriminator(nn.Module):
 
 
 @MODELS.register("mlp")
+@image_sizes("any size", lambda h, w: True)  # fully connected: the image is one vector
 def build_mlp(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
     nc = num_classes if m.conditional else 0
     return {

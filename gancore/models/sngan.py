@@ -18,7 +18,7 @@ from torch import nn
 
 from gancore.config import ModelConfig
 from gancore.models.dcgan import _bn2d, _n_stages
-from gancore.models.layers import act, dcgan_pair, maybe_sn
+from gancore.models.layers import act, check_size, dcgan_pair, four_times_power_of_2, image_sizes, maybe_sn
 from gancore.registry import MODELS
 
 
@@ -88,6 +88,8 @@ class SNDCGANDiscriminator(nn.Module):
 
 
 @MODELS.register("sndcgan")
+@image_sizes("square 4 * 2^k (8, 16, 32, 64, 128, ...)", four_times_power_of_2)
 def build_sndcgan(m: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, nn.Module]:
+    check_size("sndcgan", image_shape)
     nc = num_classes if m.conditional else 0
     return dcgan_pair(SNDCGANGenerator(m, image_shape, nc), SNDCGANDiscriminator(m, image_shape, nc))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from gancore.errors import SweepError
@@ -16,22 +18,31 @@ from gancore.sweep.workers import WorkerContext, auto_workers, launch_local, lau
 from gancore.tracking.sweep_runs import parent_run
 
 
-def _warm_metrics(sweep: Sweep) -> None:
-    """Train the domain extractor / compute real statistics once, before N workers would race to; check that the
-    objective is a metric the trials will report."""
-    import torch
-
+def _check_objective(sweep: Sweep) -> tuple[str, Any]:
+    """(extractor name, real images) once the objective is checked to be the metric the trials will report; reads
+    the data, writes nothing."""
     from gancore.metrics import extractors, metric_key
-    from gancore.metrics.fidelity import real_images, real_statistics
+    from gancore.metrics.fidelity import real_images
 
     cfg = sweep.base
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x_real = real_images(cfg, cfg.eval.n_samples)
     name = extractors.resolve(cfg, None, channels=x_real.shape[1])
     expected = metric_key("fid", name, cfg.eval.n_samples)
     if expected != sweep.objective:
         raise SweepError(f"objective {sweep.objective} is not what the trials report: {expected} (extractor {name}, "
                          f"eval.n_samples={cfg.eval.n_samples}); fix `objective` or the eval overrides")
+    return name, x_real
+
+
+def _warm_metrics(sweep: Sweep, name: str, x_real: Any) -> None:
+    """Train the domain extractor / compute real statistics once, before N workers would race to."""
+    import torch
+
+    from gancore.metrics import extractors
+    from gancore.metrics.fidelity import real_statistics
+
+    cfg = sweep.base
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fe, fe_id = extractors.load(name, cfg, device)
     real_statistics(cfg, name, fe, fe_id, x_real, device)
 
@@ -62,18 +73,50 @@ def _parent_run(sweep: Sweep, study: Any) -> str | None:
     return run_id
 
 
+def _would_create(url: str) -> list[Path]:
+    """The file a sqlite / journal storage lives in and the folders above it that do not exist yet (outermost
+    first): what opening the storage creates on disk. None for a database server."""
+    db = Path(url[len("journal:"):]).expanduser() if url.startswith("journal:") else \
+        Path(url.split("///", 1)[1].split("?", 1)[0]) if url.startswith("sqlite") and "///" in url else None
+    if db is None or str(db) in ("", ":memory:") or db.exists():
+        return []
+    new = [db]
+    parent = db.parent
+    while not parent.exists():
+        new.insert(0, parent)
+        parent = parent.parent
+    return new
+
+
+def _remove_created(paths: list[Path]) -> None:
+    """Undo `_would_create`'s paths that now exist (with SQLite's -journal / -wal / -shm companions)."""
+    for p in reversed(paths):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            for q in (p, *(p.with_name(p.name + s) for s in ("-journal", "-wal", "-shm"))):
+                q.unlink(missing_ok=True)
+
+
 def prepare(sweep: Sweep) -> tuple[Any, str | None]:
-    """Open the storage (fails fast), check the objective and warm the metric caches, create or load the study
-    (a resumed one must have the same definition), re-queue trials of dead workers (gone pids on this host,
-    heartbeats older than grace_period from any host), make the parent MLflow run.
-    Returns (study, parent run id)."""
+    """Check the objective (before anything is written), open the storage (fails fast), warm the metric caches,
+    create or load the study (a resumed one must have the same definition), re-queue trials of dead workers (gone
+    pids on this host, heartbeats older than grace_period from any host), make the parent MLflow run.
+    A check that fails up to the study's creation leaves nothing behind: a storage file (and folders) this call
+    made are removed again. Returns (study, parent run id)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(sweep.storage_url, sweep)
-    _warm_metrics(sweep)
-    study = open_study(sweep, storage, create=True)
-    _check_definition(sweep, study)
+    name, x_real = _check_objective(sweep)
+    created = _would_create(sweep.storage_url)
+    try:
+        storage = open_storage(sweep.storage_url, sweep)
+        _warm_metrics(sweep, name, x_real)
+        study = open_study(sweep, storage, create=True)
+        _check_definition(sweep, study)
+    except BaseException:
+        _remove_created(created)
+        raise
     recovered = recover_dead(study, sweep)  # dead pids here; silent heartbeats from any host
     if recovered:
         print(f"sweep: re-queued interrupted trial(s) {', '.join(map(str, recovered))}; they resume from their "

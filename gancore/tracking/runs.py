@@ -12,8 +12,9 @@ from typing import Any
 from gancore.errors import TrackingError
 from gancore.tracking.store import existing_client, get_run, store_errors
 
-ALWAYS_PARAMS = ("family", "model.arch")  # what a run is; shown for every run
+ALWAYS_PARAMS = ("family", "model.arch")  # what a run is; shown for every run with --columns all
 MAX_VARIED_PARAMS = 6  # params that differ between the listed runs, shown after those (more do not fit a terminal)
+ALL_COLUMNS = "all"  # --columns all: ALWAYS_PARAMS and the varied params, as well as the default columns
 
 
 def _headline(family: str | None) -> tuple[str, ...]:
@@ -45,11 +46,32 @@ def _best_fid(client: Any, run: Any) -> tuple[str, float] | None:
     return best
 
 
+def _trained(client: Any, run: Any) -> tuple[int, float] | None:
+    """(last logged step, its epoch) of a run: how far it trained (the loop logs `epoch` with every statistics read)."""
+    if "epoch" not in run.data.metrics:
+        return None
+    last = max(client.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)
+    return last.step, last.value
+
+
+def budget(params: dict[str, str], trained: tuple[int, float] | None) -> str:
+    """The budget as it was set (train.max_steps, else train.epochs) and, short of it, how much was trained:
+    "500 steps", "12/500 steps", "3 epochs", "1.5/3 epochs"."""
+    steps, epochs = params.get("train.max_steps"), params.get("train.epochs")
+    if steps not in (None, "0"):
+        done = f"{trained[0]}/" if trained and trained[0] < int(steps) else ""
+        return f"{done}{steps} steps"
+    if epochs is None:
+        return "-"
+    done = f"{trained[1]:.3g}/" if trained and trained[1] < float(epochs) - 1e-9 else ""
+    return f"{done}{epochs} epoch{'' if epochs == '1' and not done else 's'}"
+
+
 def list_runs(experiment: str = "gancore", sort: str | None = None, limit: int = 20, uri: str | None = None) -> list[dict[str, Any]]:
     """Rows for the runs table: newest first, or by metric `sort` ascending (`-NAME`: descending).
 
     Each row: run_id, name, status, params (all of them), headline ({statistic: last value} of the run's family),
-    best_fid ((key, value) or None) and sort_value.
+    best_fid ((key, value) or None), budget (`budget`), metrics (every last value) and sort_value.
     """
     client, uri = existing_client(uri)
     with store_errors(uri):
@@ -72,6 +94,8 @@ def list_runs(experiment: str = "gancore", sort: str | None = None, limit: int =
                 "best_fid": (best := _best_fid(client, run)),
                 "protocol": protocol_of(run, best[0]) if best else None,
                 "sort_value": run.data.metrics.get(sort.lstrip("-")) if sort else None,
+                "budget": budget(run.data.params, _trained(client, run)),
+                "metrics": dict(run.data.metrics),
             }
             for run in runs
         ]
@@ -84,21 +108,43 @@ def _param_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [*ALWAYS_PARAMS, *varied[:MAX_VARIED_PARAMS]]
 
 
-def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int = 20, uri: str | None = None) -> Any:
-    """A rich Table of an experiment's runs: key params, last headline statistics of each run's family, best FID."""
+def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int = 20, uri: str | None = None,
+               columns: tuple[str, ...] = ()) -> Any:
+    """A rich Table of an experiment's runs that fits 80 columns: id, name, status, the budget trained, the last
+    headline statistics of each run's family and the best FID. `columns`: more, each a param key or a metric name
+    (its last value), or ALL_COLUMNS for what each run is and the params that differ between the listed runs."""
+    from rich import box
     from rich.table import Table
 
     rows = list_runs(experiment, sort, limit, uri)
-    params = _param_columns(rows)
+    params = _param_columns(rows) if ALL_COLUMNS in columns else []
+    metric_cols = []
+    for c in columns:
+        if c == ALL_COLUMNS or c in params:
+            continue
+        if any(c in r["params"] for r in rows):
+            params.append(c)
+        elif any(c in r["metrics"] for r in rows):
+            metric_cols.append(c)
+        else:
+            known = sorted({k for r in rows for k in r["params"]}) if rows else []
+            raise TrackingError(f"--columns {c}: no listed run has a param or metric {c!r}; use a param key (e.g. "
+                                f"{', '.join(known[:3]) or 'optim.lr_g'}), a metric name or {ALL_COLUMNS}")
     stats = list(dict.fromkeys(k for r in rows for k in r["headline"]))  # union over families, first-seen order
     sort_key = sort.lstrip("-") if sort else None
-    extra = [sort_key] if sort_key and sort_key not in stats else []
+    extra = [k for k in ([sort_key] if sort_key else []) + metric_cols if k not in stats]
+    extra = list(dict.fromkeys(extra))
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-    table = Table(title=f"MLflow experiment {experiment!r} ({len(rows)} runs)")
-    for col in ("run", "name", "status", *params):
-        table.add_column(col)
-    for col in (*stats, "best fid_*", *extra):
-        table.add_column(col, justify="right")
+    fid_keys = {r["best_fid"][0] for r in rows if r["best_fid"]}
+    one_key = next(iter(fid_keys)) if len(fid_keys) == 1 else None  # one key: named once, in the header
+    # one space between columns; a cell too long for the terminal wraps onto a second line instead of ending in "…"
+    table = Table(title=f"MLflow experiment {experiment!r} ({len(rows)} runs)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for col in ("run", "name", "status", "budget", *params):
+        table.add_column(col, overflow="fold")
+    short = lambda k: k.split("/")[-1] if k.startswith("Loss/") else k  # noqa: E731  (Loss/D -> D, as the bar does)
+    for col in (*(short(k) for k in stats), f"best {one_key or 'fid_*'}", *extra):
+        table.add_column(col, justify="right", overflow="fold")
     # the best-FID cells name their key; where one key was measured under several protocols, each gets a marker
     protocols: dict[str, list[str]] = {}
     for r in rows:
@@ -107,11 +153,13 @@ def runs_table(experiment: str = "gancore", sort: str | None = None, limit: int 
             if r["protocol"] not in seen:
                 seen.append(r["protocol"])
     for r in rows:
-        best = f"{r['best_fid'][1]:.4g} ({r['best_fid'][0]})" if r["best_fid"] else "-"
+        best = "-"
+        if r["best_fid"]:
+            best = f"{r['best_fid'][1]:.4g}" + ("" if one_key else f" ({r['best_fid'][0]})")
         if r["best_fid"] and len(protocols.get(r["best_fid"][0], [])) > 1:
             best += f" [protocol {protocols[r['best_fid'][0]].index(r['protocol']) + 1}]"
-        cells = [r["run_id"][:8], r["name"] or "", r["status"], *(r["params"].get(k) or "-" for k in params)]
-        cells += [fmt(r["headline"].get(k)) for k in stats] + [best] + [fmt(r["sort_value"]) for _ in extra]
+        cells = [r["run_id"][:8], r["name"] or "", r["status"], r["budget"], *(r["params"].get(k) or "-" for k in params)]
+        cells += [fmt(r["headline"].get(k)) for k in stats] + [best] + [fmt(r["metrics"].get(k)) for k in extra]
         table.add_row(*cells)
     return table
 

@@ -143,12 +143,14 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
 
     stamped = [False]  # the run's protocol tag is set (once per run)
 
-    def evaluate_metrics() -> dict[str, float]:
-        """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept."""
+    def evaluate_metrics(should_stop: Callable[[], bool]) -> dict[str, float]:
+        """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept.
+        `should_stop()` is asked before every extractor batch: True raises metrics.EvaluationStopped."""
         from gancore.metrics import evaluate, protocol, protocol_tag
 
         with ckpt.isolated_rng():  # an extractor built or trained here draws nothing from the training's streams
-            values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics) if is_main else {}
+            values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics,
+                              stop=should_stop) if is_main else {}
         if values and not stamped[0]:  # the protocol beside the numbers (gancore.metrics.protocol)
             tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None)))
             stamped[0] = True
@@ -157,6 +159,26 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
             run.best.update(key=fid[0], value=values[fid[0]], step=run.step)
             save_checkpoint(ckpt.best_path(run_dir))
         return values
+
+    def evaluation(step: int, should_stop: Callable[[], bool]) -> bool:
+        """The evaluation of `step` (every process calls it; the main process measures), logged and handed to
+        on_eval; False when a stop request ended it. Until it is done run.eval_pending is set, so a checkpoint
+        written meanwhile says so and a resume runs it first. Draws nothing from the training's random streams
+        (its sampler has its own seeded generator)."""
+        nonlocal last_metrics
+        from gancore.metrics import EvaluationStopped
+
+        run.eval_pending = True
+        try:
+            values = evaluate_metrics(should_stop)
+        except EvaluationStopped:
+            return False
+        run.eval_pending = False
+        last_metrics = values
+        tracker.log_metrics(values, step)
+        if on_eval is not None:
+            on_eval(step, values, plan.images(step))
+        return True
 
     step_fn = functools.partial(one_step, family, accelerator, gen_net)  # phases + EMA (below)
 
@@ -181,7 +203,13 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     status, t_loop, first_step = "finished", time.perf_counter(), run.step
     last_metrics: dict[str, float] = {}
     try:
-        while run.step < total_steps:
+        if run.eval_pending and cfg.eval.n_samples:  # the last session stopped during this step's evaluation
+            stopped, completed = stop.evaluation_done(is_main, evaluation(run.step, stop.evaluating))
+            if completed:
+                last_ckpt = save_checkpoint() or last_ckpt  # the step's checkpoint now says its evaluation is done
+            if stopped:
+                status = "stopped"
+        while status == "finished" and run.step < total_steps:
             train_step()  # D x d_iters, G, EMA (one_step below)
             run.step += 1
             step, steps_window = run.step, steps_window + 1
@@ -222,19 +250,28 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                     img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
                 tracker.log_image(img, key="samples", step=step)
 
-            # -- sample-quality metrics (FID, IS, KID, PR) every eval.every steps and at the end
+            # -- sample-quality metrics (FID, IS, KID, PR) on the budget's schedule (eval.every steps or
+            #    eval.every_images images) and at the end. The final checkpoint
+            #    comes first (an evaluation never costs training); a stop signal ends an evaluation within one
+            #    extractor batch, and the step's checkpoint then says its evaluation is pending (a resume runs it)
+            saved_first, completed = False, True
             if cfg.eval.n_samples and (plan.eval_due(step) or step == total_steps):
-                last_metrics = evaluate_metrics()
-                tracker.log_metrics(last_metrics, step)
-                if on_eval is not None:
-                    on_eval(step, last_metrics, plan.images(step))
+                if step == total_steps:
+                    run.eval_pending = True
+                    last_ckpt = save_checkpoint() or last_ckpt
+                    saved_first = True
+                # every rank leaves the evaluation with the same answers (stop now; the main process's completed)
+                stopped, completed = stop.evaluation_done(is_main, evaluation(step, stop.evaluating))
+                if stopped:  # a signal during the evaluation (on any rank): stop at this step
+                    stop_here = must_checkpoint = True
 
-            # -- checkpoint (every checkpoint_every, at the end, on a stop signal)
-            if must_checkpoint:
+            # -- checkpoint (every checkpoint_every, at the end, on a stop signal; not again when nothing changed
+            #    since the final checkpoint before an evaluation that was stopped)
+            if must_checkpoint and not (saved_first and not completed):
                 last_ckpt = save_checkpoint() or last_ckpt
-                if stop_here:
-                    status = "stopped"
-                    break
+            if stop_here:
+                status = "stopped"
+                break
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise

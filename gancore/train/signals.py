@@ -1,7 +1,9 @@
 """Stop requests: SIGUSR1 (Slurm's warning before the time limit / preemption), SIGUSR2 (submitit's) or SIGTERM.
 
 The loop checks `StopFlag.requested(step)` once per step, finishes that step, writes a checkpoint and returns
-"stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint).
+"stopped" (the CLIs exit with gancore.errors.EXIT_STOPPED; a requeued job resumes from the checkpoint). An
+evaluation asks `evaluating()` before every extractor batch and ends within one batch; every rank then asks
+`evaluation_done()` (the same answer everywhere).
 
 Who else handles these signals (checked for torch 2.14 / Accelerate 1.15): Accelerate installs no handler; the
 torchrun agent (`accelerate launch` on several processes, `torch.distributed.run`) handles SIGTERM, SIGINT,
@@ -63,8 +65,40 @@ class StopFlag:
             return self.signal is not None
         if step % self.SYNC_EVERY:
             return False
-        flag = torch.tensor([float(self.signal is not None)], device=self._acc.device)
-        return bool(self._acc.reduce(flag, "sum").item() > 0)
+        return self.agree()
+
+    def agree(self) -> bool:
+        """Whether any rank has a stop request, now (with several processes a collective every rank calls)."""
+        return self._tick(0.0)[0] if self._acc is not None else self.signal is not None
+
+    # An evaluation runs on the main process only. Before each extractor batch it asks `evaluating()`; with several
+    # processes that is one tiny all-reduce ("tick") with the other ranks, which meanwhile answer ticks in
+    # `evaluation_done` until the main process's last tick says it is done. So a signal that reaches any one rank
+    # ends the evaluation within one batch, and every rank leaves it agreeing whether to stop.
+
+    def evaluating(self) -> bool:
+        """Main process, before each extractor batch of an evaluation: whether a stop was requested on any rank."""
+        return self.agree()
+
+    def evaluation_done(self, is_main: bool, completed: bool) -> tuple[bool, bool]:
+        """Every rank, when the main process's evaluation is over: (stop now, the main process's evaluation
+        `completed`), the same answers on every rank (`completed` is read from the main process only)."""
+        if self._acc is None:
+            return self.signal is not None, completed
+        if is_main:
+            stop, code = self._tick(2.0 if completed else 1.0)
+            return stop, code > 1.5
+        while True:
+            stop, code = self._tick(0.0)
+            if code > 0:
+                return stop, code > 1.5
+
+    def _tick(self, done: float) -> tuple[bool, float]:
+        """(any rank has a stop request, the main process's `done` code: 0 evaluating, 1 stopped, 2 completed):
+        one all-reduce of two numbers (the other ranks send 0)."""
+        t = torch.tensor([float(self.signal is not None), done], device=self._acc.device)
+        total = self._acc.reduce(t, "sum")
+        return bool(total[0].item() > 0), float(total[1].item())
 
     def _hold(self) -> None:
         end = time.monotonic() + self.HOLD_S

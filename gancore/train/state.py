@@ -266,14 +266,40 @@ def _archive(p: Path) -> Path:
     return p
 
 
+RUN_MARKERS = ("config.yaml", TRACKING_RUN, CKPT_DIR)  # what a run writes into its directory first
+SWEEP_MARKERS = ("optuna.db", "trials.csv", "best.yaml")  # a sweep directory's own files (gancore/sweep/), beside
+_TRIAL_RE = re.compile(r"trial_\d+$")  # its trial_NNNN run dirs
+
+
+def not_a_run_dir(d: Path, strict: bool) -> str | None:
+    """Why `d` cannot be a run's directory, or None: a sweep's directory never is; with `strict` (--resume auto,
+    which continues whatever run is there) neither is a folder that holds files but nothing a run writes."""
+    if not d.is_dir():
+        return None
+    names = sorted(p.name for p in d.iterdir())
+    sweep = [n for n in names if n in SWEEP_MARKERS or _TRIAL_RE.match(n)]
+    if sweep:
+        return (f"{d} is a sweep's directory (it holds {', '.join(sweep[:3])}); pass --out with a run directory of "
+                f"its own, e.g. --out {d / 'retrain'}")
+    if strict and names and not set(names) & set(RUN_MARKERS):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"{d} is not a run directory (it holds {shown} and no {CKPT_DIR}/ or config.yaml); pass --out with "
+                "an existing run's directory, a new one or an empty one")
+    return None
+
+
 def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from or None). Never reuses a run dir that holds checkpoints by accident.
 
-    Every path problem (--out naming a file, an unwritable parent, a missing checkpoint) is raised here, before the
-    run writes anything.
+    Every path problem (--out naming a file, an unwritable parent, a missing checkpoint, a directory that is not a
+    run's) is raised here, before the run writes anything. `--resume auto` that finds no checkpoint says in one
+    line that it starts a new run, and where (a first start under Slurm, which always passes it, says so too).
     """
     if out is not None:
         _writable_dir(Path(out))
+        problem = not_a_run_dir(Path(out), strict=resume == "auto")
+        if problem:
+            raise CheckpointError(problem)
     if resume and resume != "auto":
         path = Path(resume)
         if path.is_dir():
@@ -287,7 +313,11 @@ def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> 
         return _writable_dir(Path(out) if out else path.parent.parent), _archive(path)
     if resume == "auto":
         if out:
-            return Path(out), latest(out)
+            found = latest(out)
+            if found is None:
+                state = "does not exist yet" if not Path(out).exists() else "holds no checkpoint yet"
+                log.warning("--resume auto: %s %s; starting a new run there (from step 0)", out, state)
+            return Path(out), found
         candidates = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
         with_ckpt = [p for p in candidates if latest(p)]
         if with_ckpt:
@@ -296,6 +326,9 @@ def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> 
     if latest(run_dir) is not None and resume != "auto":
         raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
                               "or --out NEW_DIR for a new one")
+    if resume == "auto":
+        log.warning("--resume auto: no runs/%s-*/ holds a checkpoint; starting a new run in %s (from step 0)",
+                    cfg.name, run_dir)
     return run_dir, None
 
 
@@ -330,6 +363,7 @@ class RunState:
     run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)  # {key, value, step} of the best FID so far
+    eval_pending: bool = False  # the evaluation of `step` is due and not done (a stop signal ended it)
     epoch_stats: StatsAccumulator = field(default_factory=StatsAccumulator)
 
     def rank_state(self, loader: Any) -> dict[str, Any]:
@@ -359,6 +393,7 @@ class RunState:
             "history": self.history,
             "epoch_stats": self.epoch_stats.state_dict(),  # a mid-epoch stop keeps the epoch's partial sums
             "best": self.best,
+            "eval_pending": self.eval_pending,  # a resume runs the evaluation of this step first
         }
 
     @classmethod
@@ -403,7 +438,8 @@ class RunState:
         set_rng_state(own["rng"])  # last: nothing after this may draw random numbers before the loop
         if mine is None and accelerator.process_index > 0:  # no per-rank states (best.pt): distinct fresh streams
             torch.manual_seed(cfg.train.seed + 7919 * accelerator.process_index + 104729 * int(state["step"]))
-        run = cls(int(state["step"]), state.get("run_id"), state.get("history", {}), state.get("best", {}))
+        run = cls(int(state["step"]), state.get("run_id"), state.get("history", {}), state.get("best", {}),
+                  bool(state.get("eval_pending", False)))
         run.epoch_stats.load_state_dict(own["epoch_stats"])
         return run
 
