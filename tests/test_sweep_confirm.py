@@ -78,6 +78,7 @@ def test_summary_by_hand():
 
 
 @needs_mnist
+@pytest.mark.timeout(900)  # a sweep, four confirmation runs and eight evaluations: about 2 minutes on 2 idle cores
 def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     path = budget_sweep(tmp_path)
     finish(cli(str(path), cwd=tmp_path))
@@ -115,6 +116,7 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     w = [float(r["fid_lenet_200_test"]) for r in rows if r["role"] == "winner"]
     assert f"- winner: {statistics.mean(w):.2f} ± {statistics.stdev(w):.2f} (mean ± sd of 2 seed(s))" in md
     assert "anchor: a published number: 100" in md
+    assert "- floor: " in md and "FID of 200 MNIST training images against the test images" in md
 
     again = finish(cli(str(path), "--confirm", cwd=tmp_path))  # everything finished and measured: nothing retrained
     assert "training" not in again

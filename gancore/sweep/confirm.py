@@ -71,7 +71,10 @@ def run_confirm(sweep: Sweep, progress: Any = print) -> int:
     from gancore.sweep.storage import open_storage, open_study
     from gancore.train.loop import fit
 
+    from gancore.sweep.dashboard import check_study
+
     c = _needs_confirm(sweep)
+    check_study(sweep)  # a missing storage or study: one line, and nothing is created
     study = open_study(sweep, open_storage(sweep.storage_url))
     best = best_trial(study)
     if best is None:
@@ -217,11 +220,27 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any) -> list[dict[str, Any
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
     lines += [f"| {p.label} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in todo if p.label not in done]
-    lines += ["", *summary(rows, c.anchor), "",
+    floor = _floor(sweep, p0) if rows else None
+    lines += ["", *summary(rows, c.anchor),
+              *([f"- floor: {floor:.2f} = {c.extractor} FID of {p0.cfg.eval.n_samples} MNIST training images against "
+                 f"the {c.real_split} images (no generator), from the same cached real statistics"] if floor else []),
+              "",
               "Params of the winner: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in sorted(best.params.items()))]
     atomic_write(c.results / f"{name}.md", "\n".join(lines) + "\n")
     return rows
+
+
+def _floor(sweep: Sweep, p: Plan) -> float | None:
+    """The data set's own floor under the final protocol: real training images against the final split."""
+    import torch
+
+    from gancore.metrics.fidelity import floor_fid
+
+    c = _needs_confirm(sweep)
+    if c.real_split == "train":
+        return None
+    return floor_fid(p.cfg, c.extractor, p.cfg.eval.n_samples, torch.device("cpu"))
 
 
 def _rel(path: Path | None) -> str:
