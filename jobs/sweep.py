@@ -53,9 +53,13 @@ def main() -> int:
     mode.add_argument("--dashboard", action="store_true", help="optuna-dashboard on the study's storage, on "
                       "127.0.0.1 (the study must exist)")
     ap.add_argument("--port", type=positive_int, help="--dashboard's port (default 8080)")
+    ap.add_argument("--confirm-runs", choices=("all", "winner", "baseline"), help="with --confirm: only these runs "
+                    "(baseline: while the search still runs; default all, after the search)")
     args = ap.parse_args()
     if args.port is not None and not args.dashboard:
         ap.error("--port goes with --dashboard")
+    if args.confirm_runs is not None and not args.confirm:
+        ap.error("--confirm-runs goes with --confirm")
     quiet_third_party()
 
     from gancore.sweep import load_sweep, run_sweep, run_worker
@@ -75,7 +79,7 @@ def main() -> int:
     if args.confirm:
         from gancore.sweep.confirm import run_confirm
 
-        return run_confirm(sweep)
+        return run_confirm(sweep, runs=args.confirm_runs or "all")
     return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,
                      prepare_only=args.prepare)
 

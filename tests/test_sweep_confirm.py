@@ -91,6 +91,8 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
         assert t.value == min(t.intermediate_values.values())
     best = min(done, key=lambda t: (t.value, t.number))
 
+    early = cli(str(path), "--confirm", "--n-trials", "3", cwd=tmp_path)  # one trial still to run: refused
+    assert early.wait(timeout=120) == 2 and "the search has 1 trial(s) left" in early.stdout.read()
     out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)
     assert f"trial {best.number}" in out
     with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:
@@ -116,7 +118,7 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     w = [float(r["fid_lenet_200_test"]) for r in rows if r["role"] == "winner"]
     assert f"- winner: {statistics.mean(w):.2f} ± {statistics.stdev(w):.2f} (mean ± sd of 2 seed(s))" in md
     assert "anchor: a published number: 100" in md
-    assert "- floor: " in md and "FID of 200 MNIST training images against the test images" in md
+    assert "- floor: " in md and "FID of 200 mnist training images against the test images" in md
 
     again = finish(cli(str(path), "--confirm", cwd=tmp_path))  # everything finished and measured: nothing retrained
     assert "training" not in again

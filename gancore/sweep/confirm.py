@@ -65,10 +65,16 @@ def generator_file(sweep: Sweep, p: Plan) -> Path:
     return _needs_confirm(sweep).results / "generators" / sweep.study / f"{p.run_dir.name}.pt"
 
 
-def run_confirm(sweep: Sweep, progress: Any = print) -> int:
-    """Train, export and measure every confirmation run, writing the table after each; 0 done, 75 stopped."""
+ROLES = ("all", "winner", "baseline")
+
+
+def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
+    """Train, export and measure every confirmation run (`runs`: all, or only the winner's or the baseline's),
+    writing the table after each; 0 done, 75 stopped. The baseline does not depend on the search, so it can be
+    trained while the search still runs; the winner waits for a finished search unless asked for."""
     from gancore.sweep.report import best_trial
     from gancore.sweep.storage import open_storage, open_study
+    from gancore.sweep.trials import trials_left
     from gancore.train.loop import fit
 
     from gancore.sweep.dashboard import check_study
@@ -80,19 +86,24 @@ def run_confirm(sweep: Sweep, progress: Any = print) -> int:
     if best is None:
         raise SweepError(f"sweep {sweep.study}: no completed trial to confirm yet; run the sweep first")
     todo = plans(sweep, best.params)
+    left = trials_left(study, sweep.n_trials)
+    if left and runs != "baseline":
+        raise SweepError(f"sweep {sweep.study}: the search has {left} trial(s) left; finish it first (run the "
+                         "sweep again), or confirm only the baseline now with --confirm-runs baseline")
+    selected = [p for p in todo if runs == "all" or (p.preset == "winner") == (runs == "winner")]
     progress(f"confirm {sweep.study}: trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed) "
              f"on seeds {list(c.seeds)}, beside {c.baseline.stem if c.baseline else 'no baseline'}; "
              f"{len(todo)} run(s) of {todo[0].steps} steps")
-    for i, p in enumerate(todo, 1):
+    for i, p in enumerate(selected, 1):
         if not finished_run(p):
-            progress(f"[{i}/{len(todo)}] {p.label}: training {p.steps} steps in {p.run_dir}")
+            progress(f"[{i}/{len(selected)}] {p.label}: training {p.steps} steps in {p.run_dir}")
             r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.confirm": sweep.study,
                                                               "optuna.trial": str(best.number)})
             if r.status != "finished":
-                write_table(sweep, todo, best)
+                write_table(sweep, todo, best, left)
                 return STOPPED
-        measure(sweep, p, lambda m, i=i, p=p: progress(f"[{i}/{len(todo)}] {p.label}: {m}"))
-        write_table(sweep, todo, best)
+        measure(sweep, p, lambda m, i=i, p=p: progress(f"[{i}/{len(selected)}] {p.label}: {m}"))
+        write_table(sweep, todo, best, left)
     progress(f"confirm {sweep.study}: wrote {c.results / (sweep.study + '_confirm.md')}")
     return 0
 
@@ -192,7 +203,7 @@ def summary(rows: list[dict[str, Any]], anchor: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_table(sweep: Sweep, todo: list[Plan], best: Any) -> list[dict[str, Any]]:
+def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0) -> list[dict[str, Any]]:
     """results/<study>_confirm.csv and .md: the measured rows (kept from an earlier table when not measured here),
     the open ones, and the summary."""
     from gancore.io import atomic_write
@@ -206,9 +217,12 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any) -> list[dict[str, Any
     atomic_write(c.results / f"{name}.csv", _csv(rows, cols))
     done = {r["experiment"] for r in rows}
     p0 = todo[0]
+    search = (f"The search is still running ({left} trial(s) left): its best trial so far is {best.number} "
+              f"({sweep.objective} {best.value:.4g}); the winner's rows stay open until it ends. " if left else
+              f"The search's best trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed "
+              f"{sweep.base.train.seed}, not a result) retrained on fresh seeds ")
     lines = [f"# Confirmation of sweep {sweep.study} (`python jobs/sweep.py {_rel(sweep.path)} --confirm`)", "",
-             f"The search's best trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed "
-             f"{sweep.base.train.seed}, not a result) retrained on fresh seeds at the full budget "
+             search + f"at the full budget "
              f"({p0.cfg.train.max_images or '-'} real images shown to D), beside the baseline preset "
              f"{c.baseline.stem if c.baseline else '-'} trained the same way. Each run keeps the checkpoint with the "
              f"best {cols[5][1].split()[1]} against the {p0.cfg.eval.real_split} images (evaluated every "
@@ -222,11 +236,11 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any) -> list[dict[str, Any
     lines += [f"| {p.label} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in todo if p.label not in done]
     floor = _floor(sweep, p0) if rows else None
     lines += ["", *summary(rows, c.anchor),
-              *([f"- floor: {floor:.2f} = {c.extractor} FID of {p0.cfg.eval.n_samples} MNIST training images against "
+              *([f"- floor: {floor:.2f} = {c.extractor} FID of {p0.cfg.eval.n_samples} {p0.cfg.data.name} training images against "
                  f"the {c.real_split} images (no generator), from the same cached real statistics"] if floor else []),
               "",
-              "Params of the winner: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in sorted(best.params.items()))]
+              ("Params of the best trial so far: " if left else "Params of the winner: ") +
+              ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best.params.items()))]
     atomic_write(c.results / f"{name}.md", "\n".join(lines) + "\n")
     return rows
 
