@@ -24,6 +24,7 @@ def test_built_from_the_extractor_name_and_its_protocol_tag():
     assert MetricKey.of("fid", "lenet_mnist", 10_000).name == metric_key("fid", "lenet_mnist", 10_000) == "fid_lenet_10k"
     assert MetricKey.of("fid", "inception", 10_000, "test").name == "fid_inception_10k_test"
     assert MetricKey.parse("fid_lenet_10k").protocol_key == "gancore.protocol.lenet_10k"
+    assert MetricKey.parse("fid_lenet_10k").as_best().name == "best_fid_lenet_10k"
     assert MetricKey.parse("best_fid_lenet_10k").protocol_key == "gancore.protocol.lenet_10k"
     assert MetricKey.parse("fid_inception_10k_test").protocol_key == "gancore.protocol.inception_10k_test"
     assert protocol_key({"extractor": "lenet_mnist", "generated": 10_000}) == "gancore.protocol.lenet_10k"
