@@ -1,9 +1,12 @@
-"""Evaluate a trained model after the fact: `jobs/eval.py RUN_ID | RUN_DIR | CKPT` -> metrics, logged into its run."""
+"""Evaluate a trained model after the fact: `jobs/eval.py RUN_ID | RUN_DIR | CKPT` -> metrics, logged into its run.
+
+A run directory (or a run id's directory) gives the checkpoint it means: its best.pt when it has one, else its
+newest (gancore.train.rundir.RunDir.meant)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,28 +14,10 @@ from typing import Any
 import torch
 
 from gancore.errors import CheckpointError, MetricsError
-from gancore.train import state as ckpt
+from gancore.device import torch_device
+from gancore.train.rundir import checkpoint_file
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def checkpoint_file(target: str | Path, latest: bool = False) -> Path:
-    """A checkpoint file, or a run dir's best.pt (else its latest; `latest`: always its latest), checked cheaply:
-    a missing file or one that is not a torch archive is a one-line CheckpointError before anything is loaded."""
-    p = Path(target)
-    if p.is_dir():
-        best = p / ckpt.CKPT_DIR / ckpt.BEST
-        found = best if best.is_file() and not latest else ckpt.latest(p)
-        if found is None:
-            raise CheckpointError(f"no checkpoints in {p}/{ckpt.CKPT_DIR}; pass a run dir that holds some or a "
-                                  "checkpoint file")
-        p = found
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} not found; pass a checkpoint file (.pt) or a run dir")
-    if not zipfile.is_zipfile(p):  # torch.save's format; anything else would fail deep inside the unpickler
-        raise CheckpointError(f"{str(p)!r} is not a gancore checkpoint (not a torch.save archive); pass a file "
-                              f"from a run's {ckpt.CKPT_DIR}/ folder")
-    return p
 
 
 def resolve_target(target: str, uri: str | None = None) -> tuple[Path, str | None]:
@@ -67,8 +52,7 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
 
     `real_split` (train | test) measures against that split instead of the run's eval.real_split; the metric keys
     then end in it (fid_inception_10k_test), so numbers against two references never share a key."""
-    from gancore.generate import torch_device
-    from gancore.metrics import evaluate
+    from gancore.metrics import MetricKey, evaluate
     from gancore.train.state import load_family
 
     if n is not None and n <= 0:
@@ -91,13 +75,12 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     n = n or cfg.eval.n_samples or 10000
     values = evaluate(cfg, None, dev, extractor=extractor, n=n, progress=True,
                       resumable=(chunk_sampler(family, seed), folder))
-    suffix = f"_{real_split}" if real_split else ""
-    values = {k + suffix: v for k, v in values.items()}
+    if real_split:  # the keys name the reference: fid_inception_10k_test
+        values = {dataclasses.replace(MetricKey.parse(k), split=real_split).name: v for k, v in values.items()}
     if log and run_id and cfg.track.enabled:
         from gancore.metrics import protocol, protocol_tag
         from gancore.tracking import log_to_run
 
-        ((key, proto),) = protocol_tag(protocol(cfg, extractor, n, ema=family.ema is not None)).items()
-        tag = (key + suffix, proto)
-        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri, protocol=tag)
+        ((key, proto),) = protocol_tag(protocol(cfg, extractor, n, ema=family.ema is not None), real_split).items()
+        log_to_run(run_id, values, int(state["step"]), uri or cfg.track.uri, protocol=(key, proto))
     return values, run_id

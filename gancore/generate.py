@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gancore.device import torch_device
 from gancore.errors import GancoreError
 
 
@@ -46,30 +47,15 @@ def check_output(out: Path, fmt: str) -> None:
         raise GancoreError(f"cannot write {str(out)!r}: no write permission in {str(parent)!r}")
 
 
-def torch_device(device: str) -> torch.device:
-    """A usable torch device from a user's string (auto, cpu, cuda, cuda:1), or a one-line error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise GancoreError(f"--device {device!r} is not a torch device; use cpu or cuda[:N]") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise GancoreError(f"--device {device}: no such CUDA device on this machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise GancoreError(f"--device {device!r} is not supported; use cpu or cuda[:N]")
-    return dev
-
-
 def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = None, seed: int = 0,
              batch_size: int = 500, device: str = "cpu", uri: str | None = None) -> Path:
-    """Load the checkpoint (a file, a run dir, or an MLflow model URI runs:/RUN_ID/generator | models:/NAME/VERSION
-    read from the store `uri`), draw n samples, write them; returns the output path. Every argument is checked
-    before the model is loaded; device "auto": cuda when available. The same seed gives the same images from a
-    run's checkpoint and from its MLflow model."""
-    from gancore.evaluation import checkpoint_file
+    """Load the checkpoint (a file; a run dir: the checkpoint it means, its best.pt when it has one, else its newest
+    (gancore.train.rundir.RunDir.meant); or an MLflow model URI runs:/RUN_ID/generator | models:/NAME/VERSION read
+    from the store `uri`), draw n samples, write them; returns the output path. Every argument is checked before
+    the model is loaded; device "auto": cuda when available. The same seed gives the same images from a run's final
+    checkpoint and from its MLflow model."""
     from gancore.tracking import is_model_uri, load_generator
-    from gancore.train.state import load_family
+    from gancore.train.state import checkpoint_file, load_family
 
     if n <= 0:
         raise GancoreError(f"-n {n}: the number of images must be positive")
@@ -83,7 +69,7 @@ def generate(checkpoint: str | Path, n: int, out: str | Path, fmt: str | None = 
         family = load_generator(str(checkpoint), uri, dev).family  # the run's family, its sampling network only
         cfg = family.cfg
     else:
-        family, cfg, _ = load_family(checkpoint_file(checkpoint, latest=True), dev)
+        family, cfg, _ = load_family(checkpoint_file(checkpoint), dev)
     x, y = sample_uint8(family, n, seed, batch_size)
     if fmt == "png":
         from PIL import Image

@@ -2,17 +2,20 @@
 """Evaluate a trained generator: `python jobs/eval.py RUN_ID|RUN_DIR|CKPT [-n 10000] [--extractor auto] [--real-split test]`.
 
 Prints FID/IS/KID/precision/recall (names state the protocol, e.g. fid_inception_10k) and logs them into the
-run's MLflow record at the checkpoint's step. A run directory evaluates its best-FID checkpoint when it has one.
+run's MLflow record at the checkpoint's step. A run directory (or a run id's) gives its best.pt when it has one,
+else its newest step checkpoint, as for jobs/generate.py and jobs/slim.py.
 """
 
 from __future__ import annotations
 
 from _cli import Parser, positive_int, run
 
+from gancore.train.rundir import MEANS
+
 
 def main() -> int:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("target", help="an MLflow run id, a run directory or a checkpoint file")
+    ap.add_argument("target", help=f"an MLflow run id, a run directory ({MEANS}) or a checkpoint file")
     ap.add_argument("-n", type=positive_int, help="generated samples (default eval.n_samples of the run, else 10000)")
     ap.add_argument("--extractor", help="auto | inception | lenet_mnist | cifar_classifier (default: the run's)")
     ap.add_argument("--real-split", choices=("train", "test"), help="the real images to compare with (default: the "

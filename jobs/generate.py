@@ -1,14 +1,20 @@
 #!/usr/bin/env python
-"""Sample a trained model: `python jobs/generate.py CKPT_OR_RUN_DIR_OR_MODEL_URI -n 50 --format png|npz|h5 --out PATH`."""
+"""Sample a trained model: `python jobs/generate.py CKPT_OR_RUN_DIR_OR_MODEL_URI -n 50 --format png|npz|h5 --out PATH`.
+
+A run directory gives its best.pt when it has one, else its newest step checkpoint, as for jobs/eval.py and
+jobs/slim.py.
+"""
 
 from __future__ import annotations
 
 from _cli import Parser, non_negative_int, positive_int, run
 
+from gancore.train.rundir import MEANS
+
 
 def main() -> int:
     ap = Parser(description=__doc__)
-    ap.add_argument("checkpoint", help="a checkpoint file, a run directory (its latest checkpoint), or an MLflow "
+    ap.add_argument("checkpoint", help=f"a checkpoint file, a run directory ({MEANS}), or an MLflow "
                     "model: runs:/RUN_ID/generator | models:/NAME/VERSION")
     ap.add_argument("-n", type=positive_int, default=64, help="number of images")
     ap.add_argument("--format", choices=["png", "npz", "h5"], help="default: from --out's suffix (folder -> png)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 from _cli import Parser, out_dir, positive_int, quiet_third_party, run
@@ -25,8 +24,13 @@ def resume_arg(v: str) -> str:
         return v
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"checkpoint {v!r} not found; pass auto, a checkpoint file or a run dir")
-    if not zipfile.is_zipfile(p):  # torch.save's format
-        raise argparse.ArgumentTypeError(f"{v!r} is not a gancore checkpoint (not a torch.save archive)")
+    from gancore.errors import CheckpointError
+    from gancore.train.rundir import torch_archive  # no torch: a bad argument fails in a blink
+
+    try:
+        torch_archive(p, "pass auto, a checkpoint file or a run dir")
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return v
 
 
@@ -66,15 +70,17 @@ def main() -> int:
               f"continue with --out {result.run_dir} --resume auto")
         return EXIT_STOPPED
     print(f"done: {result.step} steps; run dir {result.run_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else ""))
-    quality = ("fid_", "best_fid_", "kid_", "is_", "precision_", "recall_")  # sample quality: printed last
-    other = {k: v for k, v in result.metrics.items() if not k.startswith(quality)}
-    for k, v in sorted(other.items()):
-        print(f"  {k} = {v:.4f}")
-    sq = sorted((k for k in result.metrics if k.startswith(quality)),
-                key=lambda k: ([i for i, p in enumerate(quality) if k.startswith(p)][0], k))
-    if sq:
-        from gancore.metrics import degenerate
+    from gancore.metrics import MetricKey, degenerate
 
+    # sample quality, printed last in this order: (kind, the run's best value of it)
+    quality = [("fid", False), ("fid", True), ("kid", False), ("is", False), ("precision", False), ("recall", False)]
+    rank = {k: quality.index((m.metric, m.best)) for k in result.metrics
+            if (m := MetricKey.find(k)) is not None and (m.metric, m.best) in quality}
+    for k, v in sorted(result.metrics.items()):
+        if k not in rank:
+            print(f"  {k} = {v:.4f}")
+    sq = sorted(rank, key=lambda k: (rank[k], k))
+    if sq:
         print(f"sample quality at step {result.step} (lower FID/KID is better, higher IS; the key names the "
               "extractor and sample count; FID/KID are in that extractor's feature units, so compare a value only "
               "with the same key; README \"Metrics\" gives the scales):")

@@ -17,7 +17,7 @@ def main() -> int:
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto")
     args = ap.parse_args()  # before the heavy imports: a bad flag fails in a blink
-    from gancore.generate import torch_device
+    from gancore.device import torch_device
     from gancore.metrics.classifier import FOR_DATASET, train_classifier
 
     device = torch_device(args.device)  # a one-line error for a bad or absent device, before any data is read

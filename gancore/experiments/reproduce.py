@@ -13,6 +13,7 @@ own columns, never in gancore's.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -127,11 +128,11 @@ def planned_steps(cfg: Config) -> int:
 
 def finished_run(p: Plan) -> str | None:
     """The MLflow run id of `p`'s run dir when it is complete (FINISHED, last checkpoint at the last step)."""
-    from gancore.train import state as ckpt
+    from gancore.train.rundir import RunDir
 
-    last = ckpt.latest(p.run_dir)
-    rec = p.run_dir / ckpt.TRACKING_RUN
-    if last is None or int(last.name[5:13]) != p.steps or not rec.is_file():
+    run_dir = RunDir(p.run_dir)
+    last, rec = run_dir.latest(), run_dir.tracking_run
+    if last is None or RunDir.step_of(last) != p.steps or not rec.is_file():
         return None
     run_id = json.loads(rec.read_text())["run_id"]
     from gancore.tracking.store import existing_client
@@ -197,18 +198,17 @@ def final_eval(p: Plan, run_id: str, final: str, progress: Any = print) -> None:
 
 def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> dict[str, Any]:
     """One results row, read back from the experiment's finished MLflow run `run_id`."""
-    from gancore.metrics.fidelity import metric_key
+    from gancore.metrics.fidelity import MetricKey
     from gancore.tracking.store import existing_client
 
     client, _ = existing_client(p.cfg.track.uri)
     run = client.get_run(run_id)
     metric = lambda k: run.data.metrics.get(k)  # noqa: E731
-    fid_key = metric_key("fid", p.cfg.eval.extractor, p.cfg.eval.n_samples)
-    hist = sorted(client.get_metric_history(run_id, fid_key), key=lambda m: m.step)
-    if not hist:
-        fid_key = None
+    fid = MetricKey.of("fid", p.cfg.eval.extractor, p.cfg.eval.n_samples)
+    hist = sorted(client.get_metric_history(run_id, fid.name), key=lambda m: m.step)
+    fid_key = fid.name if hist else None
     best = min(hist, key=lambda m: m.value) if hist else None
-    suffix = fid_key[len("fid_"):] if fid_key else ""
+    same = lambda kind: metric(dataclasses.replace(fid, metric=kind).name)  # noqa: E731 (the FID key's protocol)
     rep = REPORTED.get(p.preset)
     extra: dict[str, Any] = {}
     if final:
@@ -219,8 +219,8 @@ def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> 
     return {**extra,
         "experiment": p.label, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
         "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
-        "fid_last": hist[-1].value if hist else None, "is_last": metric(f"is_{suffix}"),
-        "kid_last": metric(f"kid_{suffix}") if fid_key else None,
+        "fid_last": hist[-1].value if hist else None, "is_last": same("is") if fid_key else None,
+        "kid_last": same("kid") if fid_key else None,
         "protocol": f"{protocol}: {fid_key}" if fid_key else protocol, "steps": p.steps,
         "wall_min": (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None,
         "device": run.data.tags.get("gancore.device", "?"), "run_id": run_id,
@@ -371,7 +371,9 @@ def _grids(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    found = [(r["experiment"], g[-1]) for r in rows if (g := sorted((Path(r["run_dir"]) / "samples").glob("step_*.png")))]
+    from gancore.train.rundir import RunDir
+
+    found = [(r["experiment"], g[-1]) for r in rows if (g := RunDir(r["run_dir"]).sample_grids())]
     if not found:
         return
     cols = min(4, len(found))

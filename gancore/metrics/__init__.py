@@ -19,6 +19,7 @@ from gancore.metrics.extractors import default_inception_path, resolve
 from gancore.metrics.fidelity import (
     ALL_METRICS,
     EvaluationStopped,
+    MetricKey,
     count_tag,
     degenerate,
     evaluate,
@@ -33,7 +34,7 @@ from gancore.metrics.fidelity import (
 from gancore.metrics.figures import class_accuracy, tsne_figure, tsne_plot
 
 __all__ = [
-    "ALL_METRICS", "DOMAIN", "EvaluationStopped", "FOR_DATASET", "class_accuracy", "count_tag", "default_inception_path", "degenerate", "evaluate",
+    "ALL_METRICS", "DOMAIN", "EvaluationStopped", "FOR_DATASET", "MetricKey", "class_accuracy", "count_tag", "default_inception_path", "degenerate", "evaluate",
     "extractor_path", "frechet_distance", "metric_key", "protocol", "protocol_key", "protocol_tag",
     "real_statistics", "resolve", "statistics",
     "train_classifier", "tsne_figure", "tsne_plot",

@@ -1,7 +1,8 @@
 """FID / IS / KID / precision-recall of generated uint8 tensors, computed by torch-fidelity's metric functions.
 
-Owns: metric names (`metric_key`, `count_tag`), feature extraction of batches (`features`, `sampled_batches`), the
-cached real statistics (`real_images`, `real_statistics`), the metric table (`METRIC_FNS`) and `evaluate`.
+Owns: metric names (`MetricKey`: built, taken apart and mapped to their protocol tag; `metric_key`, `count_tag`),
+feature extraction of batches (`features`, `sampled_batches`), the cached real statistics (`real_images`,
+`real_statistics`), the metric table (`METRIC_FNS`) and `evaluate`.
 
     sample_uint8(b) -> (b, C, H, W) uint8 --extractor (torch-fidelity class)--> features --torch-fidelity--> metrics
                                                                  real statistics (cached on disk) --^
@@ -18,8 +19,10 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,8 @@ def degenerate(key: str, value: float) -> str | None:
     """Why a sample-quality value says nothing about quality, or None. IS = exp(E KL(p(y|x) || p(y))) is 1.0 when the
     classifier gives every generated image the same class distribution: collapsed or unrecognisable samples (an
     untrained G gives 1.00), not a low-but-fair score."""
-    if key.removeprefix("best_").startswith("is_") and value <= IS_FLOOR_FLAG:
+    parsed = MetricKey.find(key)
+    if parsed is not None and parsed.metric == "is" and value <= IS_FLOOR_FLAG:
         return (f"degenerate: IS {value:.3g} is at its floor 1.0 (the classifier sees the same class mix in every "
                 "generated image: collapsed or unrecognisable samples); look at the sample grids")
     return None
@@ -72,9 +76,69 @@ def count_tag(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
-def metric_key(metric: str, extractor: str, n: int) -> str:
-    """fid_inception_10k, is_lenet_10k, precision_cifar_cnn_10k ..."""
-    return f"{metric}_{extractors.tag(extractor)}_{count_tag(n)}"
+KINDS = ("fid", "is", "kid", "precision", "recall")  # what `evaluate`'s keys start with
+SPLITS = ("train", "test")  # the suffix of a key measured against a named split (gancore.evaluation, --real-split)
+_KEY_RE = re.compile(rf"(best_)?({'|'.join(KINDS)})_(.+?)_(\d+)(k?)(?:_({'|'.join(SPLITS)}))?")
+
+
+@dataclass(frozen=True)
+class MetricKey:
+    """A sample-quality metric's name, which states its protocol (shared/STYLE.md #8); the one place such a name is
+    built and taken apart. MetricKey.of("fid", "lenet_mnist", 10000).name == "fid_lenet_10k";
+    MetricKey.parse("fid_inception_10k_test") == MetricKey("fid", "inception", 10000, "test");
+    "best_fid_lenet_10k" (best=True) is the lowest fid_lenet_10k a run reached (the loop's end-of-run value)."""
+
+    metric: str  # one of KINDS
+    extractor: str  # the extractor's tag in names (extractors.tag): inception | lenet | lenet_fashion | cifar_cnn
+    count: int  # generated images measured (KID, precision/recall: at most PAIRWISE_MAX)
+    split: str | None = None  # measured against this split of the data instead of the run's eval.real_split
+    best: bool = False
+
+    @classmethod
+    def of(cls, metric: str, extractor: str, n: int, split: str | None = None) -> MetricKey:
+        """The key of `metric` measured by the extractor named `extractor` (lenet_mnist, inception) on n images."""
+        return cls(metric, extractors.tag(extractor), int(n), split)
+
+    @property
+    def protocol_part(self) -> str:
+        """What the key says of its protocol: lenet_10k, inception_10k_test."""
+        return f"{self.extractor}_{count_tag(self.count)}" + (f"_{self.split}" if self.split else "")
+
+    @property
+    def name(self) -> str:
+        return f"{'best_' if self.best else ''}{self.metric}_{self.protocol_part}"
+
+    def as_best(self) -> MetricKey:
+        """The key of the best value of this one a run reached: fid_lenet_10k -> best_fid_lenet_10k."""
+        return dataclasses.replace(self, best=True)
+
+    @property
+    def protocol_key(self) -> str:
+        """The MLflow tag that holds this key's protocol (`protocol`): fid_lenet_10k -> gancore.protocol.lenet_10k."""
+        return f"gancore.protocol.{self.protocol_part}"
+
+    @classmethod
+    def find(cls, name: str) -> MetricKey | None:
+        """The key `name` spells, or None for another name (Loss/D, images_per_s)."""
+        m = _KEY_RE.fullmatch(name)
+        if m is None:
+            return None
+        best, metric, tag, digits, thousands, split = m.groups()
+        return cls(metric, tag, int(digits) * (1000 if thousands else 1), split, best is not None)
+
+    @classmethod
+    def parse(cls, name: str) -> MetricKey:
+        """The key `name` spells, or a one-line MetricsError."""
+        key = cls.find(name)
+        if key is None:
+            raise MetricsError(f"{name!r} is not a sample-quality metric name (<{'|'.join(KINDS)}>_<extractor>_"
+                               f"<count>[_{'|'.join(SPLITS)}], e.g. fid_lenet_10k)")
+        return key
+
+
+def metric_key(metric: str, extractor: str, n: int, split: str | None = None) -> str:
+    """fid_inception_10k, is_lenet_10k, precision_cifar_cnn_10k, fid_inception_10k_test ... (MetricKey.of)."""
+    return MetricKey.of(metric, extractor, n, split).name
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -280,8 +344,8 @@ ALL_METRICS = tuple(METRIC_FNS)  # ("fid", "is", "kid", "pr")
 
 def protocol(cfg: Config, extractor: str | None = None, n: int | None = None, ema: bool = False) -> dict[str, Any]:
     """How a sample-quality number is measured, to store beside it (issue #17): the numbers of two runs belong in one
-    column only when these agree. Keyed in MLflow as tag `gancore.protocol.<extractor tag>_<count>` (the suffix of
-    its metric keys, e.g. fid_lenet_10k -> gancore.protocol.lenet_10k)."""
+    column only when these agree. Keyed in MLflow as tag MetricKey.protocol_key (fid_lenet_10k ->
+    gancore.protocol.lenet_10k)."""
     import torch_fidelity
 
     n = cfg.eval.n_samples if n is None else int(n)
@@ -303,14 +367,15 @@ def protocol(cfg: Config, extractor: str | None = None, n: int | None = None, em
     }
 
 
-def protocol_key(proto: dict[str, Any]) -> str:
-    """The MLflow tag that holds `proto`: gancore.protocol.<extractor tag>_<count> (fid_lenet_10k -> lenet_10k)."""
-    return f"gancore.protocol.{metric_key('fid', proto['extractor'], proto['generated'])[len('fid_'):]}"
+def protocol_key(proto: dict[str, Any], split: str | None = None) -> str:
+    """The MLflow tag that holds `proto`: gancore.protocol.<extractor tag>_<count>[_<split>] (MetricKey.protocol_key;
+    fid_lenet_10k -> gancore.protocol.lenet_10k)."""
+    return MetricKey.of("fid", proto["extractor"], proto["generated"], split).protocol_key
 
 
-def protocol_tag(proto: dict[str, Any]) -> dict[str, str]:
+def protocol_tag(proto: dict[str, Any], split: str | None = None) -> dict[str, str]:
     """{protocol_key: the protocol as sorted JSON}: the run tag stored beside the metrics."""
-    return {protocol_key(proto): json.dumps(proto, sort_keys=True)}
+    return {protocol_key(proto, split): json.dumps(proto, sort_keys=True)}
 
 
 def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: torch.device,

@@ -113,7 +113,7 @@ def measure(sweep: Sweep, p: Plan, progress: Any = print) -> None:
     the final split, then the training images), each logged into the run; skipped when already measured."""
     import torch
 
-    from gancore.evaluation import checkpoint_file, evaluate_checkpoint
+    from gancore.evaluation import evaluate_checkpoint
     from gancore.io import atomic_write
     from gancore.train import state as ckpt
 
@@ -121,7 +121,7 @@ def measure(sweep: Sweep, p: Plan, progress: Any = print) -> None:
     out = generator_file(sweep, p)
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        small = ckpt.sampling_only(ckpt.load(checkpoint_file(p.run_dir)), small=True)
+        small = ckpt.sampling_only(ckpt.load(ckpt.checkpoint_file(p.run_dir)), small=True)
         atomic_write(out, lambda fh: torch.save(small, fh))
         progress(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, step {small['step']})")
     have = _run_metrics(p)
@@ -136,7 +136,7 @@ def measure(sweep: Sweep, p: Plan, progress: Any = print) -> None:
 def _final_key(p: Plan, extractor: str, split: str) -> str:
     from gancore.metrics.fidelity import metric_key
 
-    return f"{metric_key('fid', extractor, p.cfg.eval.n_samples)}_{split}"
+    return metric_key("fid", extractor, p.cfg.eval.n_samples, split)
 
 
 def _run_metrics(p: Plan) -> dict[str, float]:

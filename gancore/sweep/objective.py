@@ -9,7 +9,8 @@ from typing import Any
 
 from gancore.errors import NonFiniteLossError, SweepError
 from gancore.sweep.spec import Sweep, trial_config
-from gancore.sweep.trials import resume_step, slurm_task, worker_id
+from gancore.sweep.trials import slurm_task, worker_id
+from gancore.train.rundir import RunDir
 from gancore.tracking.sweep_runs import ChildRun
 
 
@@ -26,16 +27,14 @@ def _resume_point(trial: Any) -> Any | None:
 
     A re-queued copy inherits the interrupted trial's user attrs: the newest checkpoint of that trial's run dir,
     else of the dir it had itself resumed (interrupted again before its first checkpoint)."""
-    from gancore.train import state as ckpt
-
     earlier = [trial.user_attrs.get(k) for k in ("gancore.run_dir", "gancore.resumes")]
-    resume = next((c for d in earlier if d and (c := ckpt.latest(d)) is not None), None)
+    resume = next((c for d in earlier if d and (c := RunDir(d).latest()) is not None), None)
     if trial.user_attrs.get("gancore.interrupted"):  # inherited: about the interrupted trial, not this one
         trial.set_user_attr("gancore.interrupted", None)
     if resume is not None:
-        trial.set_user_attr("gancore.resumes", str(resume.parent.parent))
+        trial.set_user_attr("gancore.resumes", str(RunDir.of_checkpoint(resume).path))
     if resume is not None or "gancore.resume_step" in trial.user_attrs:  # the step this attempt starts from
-        trial.set_user_attr("gancore.resume_step", resume_step(resume) if resume is not None else 0)
+        trial.set_user_attr("gancore.resume_step", (RunDir.step_of(resume) or 0) if resume is not None else 0)
     return resume
 
 

@@ -330,7 +330,10 @@ def load_sweep(path: str | Path, *, storage: str | None = None, n_trials: int | 
     space = _space(path, d["space"], base)
 
     objective = d["objective"]
-    if not isinstance(objective, str) or not objective.startswith("fid_"):
+    from gancore.metrics.fidelity import MetricKey  # torch: only once the file's own keys are checked
+
+    key = MetricKey.find(objective) if isinstance(objective, str) else None
+    if key is None or key.metric != "fid" or key.best:
         raise SweepError(f"{path}: objective: expected an fid_* metric name (minimised), e.g. fid_lenet_10k; "
                          f"got {objective!r}")
     if base.eval.n_samples <= 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 import socket
 import warnings
 from pathlib import Path
@@ -259,9 +258,3 @@ def running_elsewhere(study: Any, sweep: Sweep) -> list[int]:
         return []
     return [t.number for t in study.get_trials(deepcopy=False)
             if _state(t) == "RUNNING" and not _alive_here(t.user_attrs.get("gancore.worker"))]
-
-
-def resume_step(checkpoint: Any) -> int:
-    """The training step of a step checkpoint file (step_NNNNNNNN.pt); 0 for another name."""
-    m = re.search(r"step_(\d+)\.pt$", str(checkpoint))
-    return int(m.group(1)) if m else 0

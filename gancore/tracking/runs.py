@@ -26,8 +26,10 @@ def _headline(family: str | None) -> tuple[str, ...]:
 
 def protocol_of(run: Any, metric: str) -> str | None:
     """The protocol tag (JSON) of a sample-quality metric of `run` (fid_lenet_10k -> gancore.protocol.lenet_10k)."""
-    kind, _, rest = metric.removeprefix("best_").partition("_")
-    return run.data.tags.get(f"gancore.protocol.{rest}") if rest else None
+    from gancore.metrics.fidelity import MetricKey
+
+    key = MetricKey.find(metric)
+    return run.data.tags.get(key.protocol_key) if key is not None else None
 
 
 def same_protocol(a: Any, b: Any, metric: str) -> bool:
@@ -38,8 +40,11 @@ def same_protocol(a: Any, b: Any, metric: str) -> bool:
 
 def _best_fid(client: Any, run: Any) -> tuple[str, float] | None:
     """(key, value) of the lowest value any fid_* metric of the run reached, or None without one."""
+    from gancore.metrics.fidelity import MetricKey
+
     best = None
-    for key in (k for k in run.data.metrics if k.startswith("fid_")):
+    fids = [k for k in run.data.metrics if (m := MetricKey.find(k)) is not None and m.metric == "fid" and not m.best]
+    for key in fids:
         value = min(m.value for m in client.get_metric_history(run.info.run_id, key))
         if best is None or value < best[1]:
             best = (key, value)

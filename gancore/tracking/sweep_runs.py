@@ -128,6 +128,8 @@ def log_report(sweep: Sweep, parent_id: str, best: Any | None, finished: int, fi
     (under optuna/) and `files`; the run ends FINISHED (final), KILLED (interrupted) or stays as it is (None)."""
     from mlflow.entities import Metric, RunTag
 
+    from gancore.metrics.fidelity import MetricKey
+
     try:
         client, _ = _store(sweep)
         tags = {"sweep.finished_trials": str(finished)}
@@ -135,7 +137,8 @@ def log_report(sweep: Sweep, parent_id: str, best: Any | None, finished: int, fi
         if best is not None:
             tags.update({"best.trial": str(best.number), "best.value": repr(best.value),
                          **{f"best.{k}": str(v) for k, v in best.params.items()}})
-            metrics.append(Metric(f"best_{sweep.objective}", best.value, int(time.time() * 1000), finished))
+            best_key = MetricKey.parse(sweep.objective).as_best().name  # best_fid_lenet_10k
+            metrics.append(Metric(best_key, best.value, int(time.time() * 1000), finished))
         client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         for f in figures:
             client.log_artifact(parent_id, str(f), "optuna")

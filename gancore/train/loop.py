@@ -35,6 +35,7 @@ from gancore.tracking import check_reachable, make_tracker, resolve_uri
 from gancore.train import budget as budgets
 from gancore.train import fast, report
 from gancore.train import state as ckpt
+from gancore.train.rundir import RunDir
 from gancore.train.ema import EMA
 from gancore.train.signals import StopFlag
 from gancore.train.stats import StatsAccumulator, non_finite
@@ -105,6 +106,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     # Resume: the run dir, the checkpoint, every piece of state (gancore/train/state.py)
     run_dir, resume_from = ckpt.resolve_run_dir(cfg, out, resume) if is_main else (None, None)
     run_dir, resume_from = broadcast_object_list([run_dir, resume_from])
+    layout = RunDir(run_dir)  # its file names: step checkpoints, best.pt, snapshots, sample grids (rundir.py)
     run = ckpt.RunState() if resume_from is None else ckpt.RunState.restore(
         resume_from, cfg, family, accelerator, loader, fallback=resume == "auto" or Path(resume).is_dir())
     window = StatsAccumulator()  # per log window (run.epoch_stats: per epoch)
@@ -129,8 +131,8 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         state = run.checkpoint(cfg, family, accelerator, loader, image_shape, num_classes, ranks)
         if path is not None:
             return ckpt.save(state, path)
-        path = ckpt.save(state, ckpt.step_path(run_dir, run.step))
-        ckpt.prune(run_dir, cfg.train.keep_checkpoints)
+        path = ckpt.save(state, layout.step_path(run.step))
+        layout.prune(cfg.train.keep_checkpoints)
         return path
 
     def sample_grid() -> torch.Tensor:
@@ -146,7 +148,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     def evaluate_metrics(should_stop: Callable[[], bool]) -> dict[str, float]:
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept.
         `should_stop()` is asked before every extractor batch: True raises metrics.EvaluationStopped."""
-        from gancore.metrics import evaluate, protocol, protocol_tag
+        from gancore.metrics import evaluate, extractors, metric_key, protocol, protocol_tag
 
         with ckpt.isolated_rng():  # an extractor built or trained here draws nothing from the training's streams
             values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics,
@@ -154,10 +156,11 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         if values and not stamped[0]:  # the protocol beside the numbers (gancore.metrics.protocol)
             tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None)))
             stamped[0] = True
-        fid = sorted(k for k in values if k.startswith("fid_"))
-        if fid and values[fid[0]] < run.best.get("value", float("inf")):
-            run.best.update(key=fid[0], value=values[fid[0]], step=run.step)
-            save_checkpoint(ckpt.best_path(run_dir))
+        if values:  # the best-FID rule asks for the key it means: the run's extractor on eval.n_samples images
+            fid = metric_key("fid", extractors.resolve(cfg, None, channels=image_shape[0]), cfg.eval.n_samples)
+            if fid in values and values[fid] < run.best.get("value", float("inf")):
+                run.best.update(key=fid, value=values[fid], step=run.step)
+                save_checkpoint(layout.best)
         return values
 
     def evaluation(step: int, should_stop: Callable[[], bool]) -> bool:
@@ -198,7 +201,7 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     progress = Bar(cfg.name, total_steps, enabled=is_main and cfg.train.progress, completed=run.step, elapsed=True,
                    stats="")
-    last_ckpt: Path | None = ckpt.latest(run_dir) if is_main else None
+    last_ckpt: Path | None = layout.latest() if is_main else None
     t_window, steps_window = time.perf_counter(), 0
     status, t_loop, first_step = "finished", time.perf_counter(), run.step
     last_metrics: dict[str, float] = {}
@@ -241,13 +244,13 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
                 report.add_epoch(run.history, epoch, run.epoch_stats.read(reduce))
                 if is_main and (epoch in cfg.train.snapshot_epochs or step == total_steps):
                     with ckpt.isolated_rng():
-                        plots.save_grid(sample_grid(), run_dir / "snapshots" / f"epoch_{epoch:03d}.png")
-                        torch.save(gen_net.state_dict(), run_dir / "snapshots" / f"{family.generator_name}_epoch_{epoch:03d}.pt")
+                        plots.save_grid(sample_grid(), layout.snapshot_grid(epoch))
+                        layout.save_snapshot(family.generator_name, epoch, gen_net.state_dict())
 
             # -- fixed-noise sample grid into the tracker, by step
             if is_main and (step % cfg.track.image_every == 0 or step == total_steps):
                 with ckpt.isolated_rng():
-                    img = plots.save_grid(sample_grid(), run_dir / "samples" / f"step_{step:08d}.png")
+                    img = plots.save_grid(sample_grid(), layout.sample_grid(step))
                 tracker.log_image(img, key="samples", step=step)
 
             # -- sample-quality metrics (FID, IS, KID, PR) on the budget's schedule (eval.every steps or
@@ -284,7 +287,9 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
     # Done: the end-of-run report (gancore/train/report.py), the final checkpoint as an artifact
     metrics: dict[str, float] = dict(last_metrics)
     if run.best:
-        metrics[f"best_{run.best['key']}"] = run.best["value"]
+        from gancore.metrics import MetricKey
+
+        metrics[MetricKey.parse(run.best["key"]).as_best().name] = run.best["value"]
     if status == "finished" and run.epoch_stats.counts:  # a run that ends mid-epoch: its last, partial epoch
         # (every rank: the read is a collective across processes)
         report.add_epoch(run.history, (run.step - 1) // steps_per_epoch + 1, run.epoch_stats.read(reduce))

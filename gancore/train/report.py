@@ -15,6 +15,7 @@ import torch
 from gancore import plots
 from gancore.config import Config
 from gancore.families.base import Family
+from gancore.train.rundir import RunDir
 
 
 def add_epoch(history: dict[str, list[float]], epoch: int, means: dict[str, float]) -> None:
@@ -44,6 +45,7 @@ def end_of_run(cfg: Config, family: Family, run_dir: Path, history: dict[str, li
     for p in [*out_plots, run_dir / "loss_report.json", run_dir / "loss_report.md", *figures]:
         if p.is_file():
             tracker.log_artifact(p, "report" if "loss_report" in p.name else "plots")
-    if (run_dir / "snapshots").is_dir():  # a run shorter than one epoch has none
-        tracker.log_artifact(run_dir / "snapshots", "snapshots")
+    snapshots = RunDir(run_dir).snapshots_dir
+    if snapshots.is_dir():  # a run shorter than one epoch has none
+        tracker.log_artifact(snapshots, snapshots.name)
     return metrics

@@ -7,12 +7,8 @@ under "ranks" (RNG states, loader position, partial epoch statistics; gathered t
 processes ("world_size"): each rank restores its own entry, and a resume with another number of processes is
 refused (the per-rank noise streams and data shards would not continue).
 `RunState` builds that dict and restores from it (the training loop); `load_family` rebuilds a trained family
-for evaluation, generation and sweeps; `resolve_run_dir` decides where a run writes and what it resumes.
-
-    <run dir>/checkpoints/step_XXXXXXXX.pt   the newest train.keep_checkpoints, by step
-    <run dir>/checkpoints/best.pt            the best-FID checkpoint (outside the rotation)
-    <run dir>/tracking_run.json              the MLflow run as soon as it exists (a kill before the first
-                                             checkpoint must not cost a second run)
+for evaluation, generation and sweeps. The run directory's layout (step_XXXXXXXX.pt, best.pt, snapshots: `RunDir`)
+and where a run writes and what it resumes (`resolve_run_dir`) belong to gancore/train/rundir.py.
 
 Faults (README "Reliability"): every write is atomic (gancore.io.atomic_write), so a kill -9 loses at most the
 steps since the last checkpoint. A write that fails (disk full, I/O error) is a one-line CheckpointError and
@@ -24,15 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
 import pickle
 import random
-import re
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,23 +32,30 @@ import numpy as np
 import torch
 
 from gancore.config import Config, from_dict, resume_differences, to_dict
-from gancore.errors import CheckpointError, GancoreError
+from gancore.errors import CheckpointError
 from gancore.families.base import Family
-from gancore.io import atomic_write, temp_name_pattern
+from gancore.io import atomic_write
 from gancore.registry import FAMILIES
 from gancore.train.ema import EMA
 from gancore.train.fast import restore_adam_options
+from gancore.train.rundir import (  # noqa: F401 (the layout's names, for the many callers of state)
+    BEST,
+    CKPT_DIR,
+    TRACKING_RUN,
+    RunDir,
+    checkpoint_file,
+    not_a_run_dir,
+    record_tracking_run,
+    resolve_run_dir,
+    unsaved_tracking_run,
+)
 from gancore.train.stats import StatsAccumulator
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
-BEST = "best.pt"
-TRACKING_RUN = "tracking_run.json"
 FORMAT_VERSION = 1
 # what every reader needs (load_family: config, shapes, networks; resume: the rest is read with .get or checked there)
 REQUIRED_KEYS = ("networks", "config", "image_shape", "num_classes", "step")
-_STEP_RE = re.compile(r"step_(\d+)\.pt$")
 
 
 class _KeepWriteError:
@@ -97,7 +96,8 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
         if not isinstance(cause, OSError):
             raise  # not a write failure: a bug, keep its traceback
         reason = f"{type(cause).__name__}: {cause.strerror or cause}".replace("\n", " ")
-        good = latest(path.parent.parent) if path.parent.name == CKPT_DIR else None
+        run_dir = RunDir.of_checkpoint(path)
+        good = run_dir.latest() if run_dir is not None else None
         raise CheckpointError(f"checkpoint {path} not written ({reason}); nothing was replaced, the last good one is "
                               f"{good or 'none yet'}; free disk space or fix the folder, then continue with "
                               "--resume auto") from None
@@ -120,35 +120,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+# the layout's own answers (RunDir), by run dir: what the loop's tests and tools call
 def best_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CKPT_DIR / BEST
+    return RunDir(run_dir).best
 
 
 def step_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}.pt"
+    return RunDir(run_dir).step_path(step)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The run's step checkpoints, oldest first."""
-    d = Path(run_dir) / CKPT_DIR
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
+    return RunDir(run_dir).step_checkpoints()
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    return RunDir(run_dir).latest()
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints, and temp files a killed writer left behind."""
-    for p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
-    for pattern in (temp_name_pattern("step_*.pt"), temp_name_pattern(BEST)):  # only rank 0 writes, one at a time
-        for p in (Path(run_dir) / CKPT_DIR).glob(pattern):
-            p.unlink(missing_ok=True)
+    RunDir(run_dir).prune(keep)
 
 
 def load_for_resume(path: Path, fallback: bool) -> tuple[Path, dict[str, Any], list[Path]]:
@@ -158,12 +149,12 @@ def load_for_resume(path: Path, fallback: bool) -> tuple[Path, dict[str, Any], l
     try:
         return path, load(path), []
     except CheckpointError:
-        m = _STEP_RE.search(path.name)
-        if not fallback or m is None or path.parent.name != CKPT_DIR:
+        step, run_dir = RunDir.step_of(path), RunDir.of_checkpoint(path)
+        if not fallback or step is None or run_dir is None:
             raise
         bad = [path]
-        for p in reversed(list_checkpoints(path.parent.parent)):
-            if int(_STEP_RE.search(p.name).group(1)) >= int(m.group(1)):
+        for p in reversed(run_dir.step_checkpoints()):
+            if RunDir.step_of(p) >= step:
                 continue
             try:
                 return p, load(p), bad
@@ -238,116 +229,7 @@ def _tuples(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Where a run writes, and the run's state as a checkpoint dict
-
-
-def _writable_dir(d: Path) -> Path:
-    """`d` itself, once checked: a directory (or creatable as one) that this process may write into."""
-    if d.exists() and not d.is_dir():
-        raise GancoreError(f"run directory {str(d)!r} is an existing file; pass --out with a new or existing directory")
-    parent = d
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise GancoreError(f"cannot create run directory {str(d)!r}: {str(parent)!r} is a file; pass --out with "
-                           "a directory path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GancoreError(f"cannot write run directory {str(d)!r}: no write permission in {str(parent)!r}; "
-                           "pass --out with a writable directory")
-    return d
-
-
-def _archive(p: Path) -> Path:
-    """A checkpoint the user named, once checked to be a torch.save archive (other files fail deep inside the
-    unpickler). Checkpoints found by step are not checked here: RunState.restore falls back from a torn newest one."""
-    if not zipfile.is_zipfile(p):
-        raise CheckpointError(f"checkpoint {str(p)!r} is not a gancore checkpoint (not a torch.save archive); "
-                              "resume from another file in its folder or start a new run")
-    return p
-
-
-RUN_MARKERS = ("config.yaml", TRACKING_RUN, CKPT_DIR)  # what a run writes into its directory first
-SWEEP_MARKERS = ("optuna.db", "trials.csv", "best.yaml")  # a sweep directory's own files (gancore/sweep/), beside
-_TRIAL_RE = re.compile(r"trial_\d+$")  # its trial_NNNN run dirs
-
-
-def not_a_run_dir(d: Path, strict: bool) -> str | None:
-    """Why `d` cannot be a run's directory, or None: a sweep's directory never is; with `strict` (--resume auto,
-    which continues whatever run is there) neither is a folder that holds files but nothing a run writes."""
-    if not d.is_dir():
-        return None
-    names = sorted(p.name for p in d.iterdir())
-    sweep = [n for n in names if n in SWEEP_MARKERS or _TRIAL_RE.match(n)]
-    if sweep:
-        return (f"{d} is a sweep's directory (it holds {', '.join(sweep[:3])}); pass --out with a run directory of "
-                f"its own, e.g. --out {d / 'retrain'}")
-    if strict and names and not set(names) & set(RUN_MARKERS):
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return (f"{d} is not a run directory (it holds {shown} and no {CKPT_DIR}/ or config.yaml); pass --out with "
-                "an existing run's directory, a new one or an empty one")
-    return None
-
-
-def resolve_run_dir(cfg: Config, out: str | Path | None, resume: str | None) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from or None). Never reuses a run dir that holds checkpoints by accident.
-
-    Every path problem (--out naming a file, an unwritable parent, a missing checkpoint, a directory that is not a
-    run's) is raised here, before the run writes anything. `--resume auto` that finds no checkpoint says in one
-    line that it starts a new run, and where (a first start under Slurm, which always passes it, says so too).
-    """
-    if out is not None:
-        _writable_dir(Path(out))
-        problem = not_a_run_dir(Path(out), strict=resume == "auto")
-        if problem:
-            raise CheckpointError(problem)
-    if resume and resume != "auto":
-        path = Path(resume)
-        if path.is_dir():
-            found = latest(path)
-            if found is None:
-                raise CheckpointError(f"no checkpoints in {path}/{CKPT_DIR}; pass a checkpoint file or a run dir")
-            return _writable_dir(path), found
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} not found; pass --resume auto, a checkpoint file or a "
-                                  "run dir")
-        return _writable_dir(Path(out) if out else path.parent.parent), _archive(path)
-    if resume == "auto":
-        if out:
-            found = latest(out)
-            if found is None:
-                state = "does not exist yet" if not Path(out).exists() else "holds no checkpoint yet"
-                log.warning("--resume auto: %s %s; starting a new run there (from step 0)", out, state)
-            return Path(out), found
-        candidates = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
-        with_ckpt = [p for p in candidates if latest(p)]
-        if with_ckpt:
-            return _writable_dir(with_ckpt[-1]), latest(with_ckpt[-1])
-    run_dir = _writable_dir(Path(out) if out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    if latest(run_dir) is not None and resume != "auto":
-        raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                              "or --out NEW_DIR for a new one")
-    if resume == "auto":
-        log.warning("--resume auto: no runs/%s-*/ holds a checkpoint; starting a new run in %s (from step 0)",
-                    cfg.name, run_dir)
-    return run_dir, None
-
-
-def record_tracking_run(run_dir: Path, run_id: str, uri: str, cfg: Config) -> None:
-    """Note the run dir's MLflow run (store, experiment, hyper-parameters) the moment it exists: the checkpoints
-    carry the run id too, but a kill before the first one must not cost a second MLflow run on --resume auto."""
-    atomic_write(Path(run_dir) / TRACKING_RUN, json.dumps(
-        {"run_id": run_id, "uri": uri, "experiment": cfg.track.experiment, "config": to_dict(cfg)}, indent=1))
-
-
-def unsaved_tracking_run(run_dir: Path, uri: str, cfg: Config) -> str | None:
-    """The MLflow run of a run dir whose first session was killed before its first checkpoint, when the same store,
-    experiment and hyper-parameters start it again; else None (a new MLflow run)."""
-    try:
-        rec = json.loads((Path(run_dir) / TRACKING_RUN).read_text())
-        same = rec["uri"] == uri and rec["experiment"] == cfg.track.experiment and not resume_differences(rec["config"], cfg)
-        return str(rec["run_id"]) if same else None
-    except (OSError, ValueError, KeyError, TypeError, GancoreError):  # no record, or one from another version
-        return None
+# The run's state as a checkpoint dict
 
 
 def build_family(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> Family:
@@ -466,13 +348,9 @@ def sampling_only(state: dict[str, Any], small: bool = False) -> dict[str, Any]:
 
 
 def load_family(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, Config, dict]:
-    """A trained family (networks and EMA restored, eval mode) from a checkpoint file or a run dir."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoints in {path}/{CKPT_DIR}")
-        path = found
+    """A trained family (networks and EMA restored, eval mode) from a checkpoint file or a run dir (the checkpoint
+    it means: RunDir.meant)."""
+    path = checkpoint_file(path) if Path(path).is_dir() else Path(path)
     state = load(path, map_location=device)
     cfg = from_dict(state["config"])
     family = build_family(cfg, tuple(state["image_shape"]), int(state["num_classes"]))
