@@ -100,10 +100,11 @@ def summary_markdown(sweep: Sweep, study: Any) -> str:
               "|" + "---|" * (len(names) + 5)]
     for t in sorted(trials, key=lambda t: t.number):
         last = max(t.intermediate_values) if t.intermediate_values else "-"
-        lines.append(f"| {t.number} | {t.state.name} | {'-' if t.value is None else f'{t.value:.4g}'} | " +
+        state = t.state.name + (" (interrupted: re-queued)" if t.user_attrs.get("gancore.interrupted") else "")
+        lines.append(f"| {t.number} | {state} | {'-' if t.value is None else f'{t.value:.4g}'} | " +
                      " | ".join(fmt(t.params.get(n, "-")) for n in names) +
                      f" | {last} | {t.duration.total_seconds() / 60:.1f} |" if t.duration else
-                     f"| {t.number} | {t.state.name} | - | " + " | ".join(fmt(t.params.get(n, "-")) for n in names) +
+                     f"| {t.number} | {state} | - | " + " | ".join(fmt(t.params.get(n, "-")) for n in names) +
                      f" | {last} | - |")
     return "\n".join(lines) + "\n"
 
