@@ -105,7 +105,9 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
         assert cfg["train"]["seed"] == int(r["seed"]) and cfg["train"]["max_images"] == 384
         if r["role"] == "winner":  # the best trial's params, not the baseline's
             assert (cfg["optim"]["lr_g"], cfg["optim"]["d_iters"]) == (best.params["optim.lr_g"], best.params["optim.d_iters"])
-        per_step = 32 * (cfg["optim"]["d_iters"] if r["role"] == "winner" else 1)
+        # the baseline keeps its preset's batch (64): the sweep's batch_size override is a searched-over setting
+        per_step = cfg["optim"]["batch_size"] * cfg["optim"]["d_iters"]
+        assert cfg["optim"]["batch_size"] == (32 if r["role"] == "winner" else 64)
         assert int(r["images"]) == int(r["steps"]) * per_step >= 384 > (int(r["steps"]) - 1) * per_step
         # the committed generator: sampling weights only, and re-measuring it gives the table's number
         gen = tmp_path / r["generator"]
