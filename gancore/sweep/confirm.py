@@ -93,7 +93,7 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
     selected = [p for p in todo if runs == "all" or (p.preset == "winner") == (runs == "winner")]
     progress(f"confirm {sweep.study}: trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed) "
              f"on seeds {list(c.seeds)}, beside {c.baseline.stem if c.baseline else 'no baseline'}; "
-             f"{len(todo)} run(s) of {todo[0].steps} steps")
+             f"{len(selected)} run(s) here ({', '.join(f'{p.label}: {p.steps} steps' for p in selected)})")
     for i, p in enumerate(selected, 1):
         if not finished_run(p):
             progress(f"[{i}/{len(selected)}] {p.label}: training {p.steps} steps in {p.run_dir}")
