@@ -126,9 +126,9 @@ class FakeStream:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """The CUDA graph/stream API fast.py calls, faked; the plan is the CUDA device's; Adam is fused (its step
-    counter read in the kernel, as fused capturable Adam on a GPU: the CPU's default Adam reads it on the host)
-    for every run of the test, the plain reference included. Yields counters of what the fakes saw."""
+    """The CUDA graph/stream API fast.py calls, faked; the plan is the CUDA device's; Adam is fused for every run
+    of the test, the plain reference included (its step counter read in the kernel, as fused capturable Adam on a
+    GPU; the CPU's default Adam reads it with .item(), and its capture fails). Yields what the fakes saw."""
     seen = {"side_stream_steps": 0}
     graphs.clear()
 
@@ -142,7 +142,8 @@ def fake_cuda(monkeypatch):
                        }.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     real_plan, real_adam = fast.plan, base.adam_options
-    monkeypatch.setattr(fast, "plan", lambda mode, device, world, mp: real_plan(mode, torch.device("cuda", 0), world, mp))
+    on_cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(fast, "plan", lambda mode, device, world, mp: real_plan(mode, on_cuda, world, mp))
     monkeypatch.setattr(base, "adam_options", lambda mode: {**real_adam(mode), "fused": True})
     yield seen
 
