@@ -68,6 +68,19 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(tmp_path, capsys, m
     assert fast.precision_notice(cpu, "bf16") is None
 
 
+@needs_mnist
+def test_fp16_on_a_cpu_says_in_one_line_that_it_trains_in_fp32(tmp_path, capsys):
+    from gancore.train.loop import _accelerator
+
+    acc = _accelerator(tiny("train.mixed_precision=fp16"))  # what the notice says, from Accelerate itself
+    assert acc.scaler is None and not acc.native_amp
+    note = fast.precision_notice(torch.device("cpu"), "fp16")
+    assert "plain fp32" in note and "train.mixed_precision=no" in note and "\n" not in note
+    assert fast.precision_notice(torch.device("cuda", 0), "fp16") is None
+    fit(tiny("train.mixed_precision=fp16", "train.max_steps=1"), out=tmp_path / "run")
+    assert capsys.readouterr().out.count("plain fp32") == 1
+
+
 def test_adam_options_and_restore_after_load():
     cfg = load_config(None, ["model.arch=mlp", "model.nz=8", "train.compile=cudagraph"])
     fam = FAMILIES["gan"](cfg, (1, 28, 28), 10)

@@ -92,6 +92,9 @@ def precision_notice(device: torch.device, mixed_precision: str) -> str | None:
         return ("train.mixed_precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is emulated and "
                 "many times slower than fp32 (the MNIST DCGAN step: ~25x on a 2-core AVX2 CPU); use "
                 "train.mixed_precision=no here")
+    if device.type == "cpu" and mixed_precision == "fp16":  # Accelerate makes neither an autocast nor a scaler
+        return ("train.mixed_precision=fp16: on a CPU Accelerate trains in plain fp32 (no fp16 autocast, no "
+                "gradient scaler), so the run goes on in fp32; use train.mixed_precision=no here to say so")
     return None
 
 
