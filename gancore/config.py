@@ -96,7 +96,7 @@ class OptimConfig:
     d_iters: int = key(1, AT_LEAST_1)  # D steps per G step (WGAN-GP: 5); each draws a fresh real batch
 
 
-COMPILE_MODES = ("none", "compile", "cudagraph", "compile_cudagraph")
+COMPILE_MODES = ("none", "compile", "cudagraph", "compile_cudagraph")  # what train.compile takes
 COMPILED = ("compile", "compile_cudagraph")  # train.compile modes that torch.compile the networks
 CAPTURED = ("cudagraph", "compile_cudagraph")  # train.compile modes that capture the whole step (gancore/train/fast.py)
 

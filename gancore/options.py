@@ -87,7 +87,7 @@ def key(default: Any, within: Range | None = None, *, choices: Choices | None = 
     owns; registry: a gancore.registry Registry the value must name; infra: infrastructure (never changes the
     result: not an MLflow param, may differ on resume; shared/STYLE.md #5)."""
     meta = {"infra": infra, "range": within, "choices": choices, "registry": registry}
-    return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v})
+    return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, False)})
 
 
 def infra(default: Any, within: Range | None = None, *, choices: Choices | None = None) -> Any:
@@ -124,7 +124,7 @@ def coerce(value: Any, tp: Any, key: str, listed: Any = ()) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key)
+        return coerce(value, inner[0], key, listed)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
