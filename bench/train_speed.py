@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gancore.config import CHOICES  # noqa: E402  (light: no torch)
+from gancore.config import COMPILE_MODES  # noqa: E402  (light: no torch)
 
 WARM = 20  # steps of the shorter run (covers 3 warm-up steps + the capture)
 
@@ -93,7 +93,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-MODES = ("eager", *CHOICES["train.compile"][1:])  # eager = train.compile=none
+MODES = ("eager", *COMPILE_MODES[1:])  # eager = train.compile=none
 EXTRAS = {"bf16": ["train.mixed_precision=bf16"], "cl": ["train.channels_last=true"]}
 
 

@@ -77,9 +77,8 @@ def main() -> None:
     ap.add_argument("--mode", default="none", help="train.compile of every trial (none, cudagraph, ...)")
     ap.add_argument("--save", action="store_true", help="record the best K for `jobs/sweep.py --workers auto`")
     a = ap.parse_args()
-    from gancore.config import CHOICES
+    from gancore.config import COMPILE_MODES as modes
 
-    modes = CHOICES["train.compile"]
     if a.mode not in modes:
         ap.error(f"--mode {a.mode!r}: expected one of {', '.join(modes)}")
     if min(a.k) < 1 or a.steps < 1 or a.batch < 1:

@@ -62,6 +62,9 @@ def _load_builtins() -> None:
         return
     _loaded = True
     import gancore.data  # noqa: F401
-    import gancore.families  # noqa: F401
+    import gancore.families.diffusion  # noqa: F401  (diffusion, denoiser_report)
+    import gancore.families.gan  # noqa: F401
+    import gancore.families.ganomaly  # noqa: F401
+    import gancore.families.vae  # noqa: F401
     import gancore.losses  # noqa: F401
     import gancore.models  # noqa: F401

@@ -17,7 +17,8 @@ def main() -> int:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("target", help=f"an MLflow run id, a run directory ({MEANS}) or a checkpoint file")
     ap.add_argument("-n", type=positive_int, help="generated samples (default eval.n_samples of the run, else 10000)")
-    ap.add_argument("--extractor", help="auto | inception | lenet_mnist | cifar_classifier (default: the run's)")
+    ap.add_argument("--extractor", help="an eval.extractor value: auto, inception or a domain classifier such as "
+                    "lenet_mnist (default: the run's)")
     ap.add_argument("--real-split", choices=("train", "test"), help="the real images to compare with (default: the "
                     "run's eval.real_split); the metric names then end in it, e.g. fid_inception_10k_test")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")

@@ -96,20 +96,26 @@ def test_cli_unknown_key_exits_2_with_one_line():
     assert r.stderr.strip().count("\n") == 0 and "bogus.key" in r.stderr
 
 
-def test_ranges_name_real_keys_and_the_defaults_fit():
-    """RANGES/CHOICES are declarative: every key exists, and every default lies inside its own range."""
-    from gancore.config import CHOICES, RANGES, all_keys
+def test_declared_ranges_and_choices_fit_the_defaults():
+    """Ranges, choices and registries are declared with each key (gancore/options.py): every default lies inside
+    its own range and is one of its own choices, asked of the owner where another module owns the names (config
+    never asks an owner about a default, so this is where a default's name is checked)."""
+    from gancore.config import choices, declarations
 
-    keys = set(all_keys())
-    assert set(RANGES) <= keys and set(CHOICES) <= keys
     values = flat(Config(), include_infra=True)
     def leaves(v):
         return [x for item in v for x in leaves(item)] if isinstance(v, (list, tuple)) else [v]
 
-    for key, rng in RANGES.items():
+    ranged = {k: f.metadata["range"] for k, f in declarations().items() if "range" in f.metadata}
+    for key, rng in ranged.items():
         assert leaves(values[key]), key
         for leaf in leaves(values[key]):
             assert leaf in rng, (key, leaf, rng.describe())
+    named = [k for k, f in declarations().items() if "choices" in f.metadata or "registry" in f.metadata]
+    assert {"family", "model.arch", "loss.name", "data.name", "eval.extractor", "eval.metrics"} <= set(named)
+    for key in named:
+        for leaf in leaves(values[key]):
+            assert leaf in choices(key), (key, leaf, choices(key))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -182,3 +188,31 @@ def test_runs_are_named_after_their_data(tmp_path):
     assert load_config(ROOT / "configs" / "folder.yaml", [f"data.path={cats}"]).name == "folder-My_Cats"
     assert load_config(ROOT / "configs" / "quickstart.yaml", []).name == "quickstart"
     assert load_config(None, ["name=mine", "data.name=cifar10"]).name == "mine"
+
+
+@pytest.mark.parametrize("override,start,known", [
+    ("model.arch=dcgn", "model.arch: unknown model 'dcgn' (did you mean 'dcgan'?); known: ", "dcgan, dcgan_mnist, denoiser_report"),
+    ("loss.name=wgan", "loss.name: unknown loss 'wgan'", "known: hinge, lsgan, nonsaturating"),
+    ("family=vea", "family: unknown family 'vea' (did you mean 'vae'?); known: ", "ganomaly, vae"),
+    ("eval.extractor=lenet", "eval.extractor: 'lenet' is not one of ",
+     "auto, inception, lenet_mnist, lenet_fashion_mnist, cifar_classifier"),
+])
+def test_names_are_checked_against_their_owner_when_the_config_is_read(override, start, known):
+    """A registry-backed key (or eval.extractor, whose names gancore/metrics/extractors.py owns) fails at load time
+    with one line listing the known names, not when the run first builds the network or evaluates."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(start) and known in msg and "\n" not in msg
+
+
+def test_a_bad_config_fails_without_importing_torch():
+    """Config and the family sections it composes load without torch, and the checks that need no owner (type,
+    range, listed choices, unknown key) fail before any owner is imported."""
+    code = ("import sys\nfrom gancore.config import load_config\nfrom gancore.errors import ConfigError\n"
+            "for o in ['optim.batch_size=0', 'model.batchnorm=x', 'vae.bta=1', 'diffusion.timesteps=0']:\n"
+            "    try:\n        load_config(None, ['model.arch=dcgn', o])\n    except ConfigError as e:\n"
+            "        print(str(e).split(' ')[0])\nprint('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.stdout.split() == ["optim.batch_size=0", "model.batchnorm:", "unknown", "diffusion.timesteps=0",
+                                "False"], r.stderr

@@ -49,6 +49,7 @@ def budget_sweep(tmp_path, **top):
     ({"seeds": [1, 1]}, "expected a list of distinct seeds"),
     ({"baseline": "nope.yaml"}, "confirm.baseline:"),
     ({"real_split": "data"}, "confirm.real_split: expected train or test"),
+    ({"extractor": "lenet"}, "confirm.extractor: 'lenet' is not one of auto, inception, lenet_mnist, "),
     ({"overrides": {"train.max_imagez": 5}}, "confirm.overrides:"),
     ({"seed": [1]}, "confirm: unknown key 'seed'"),
 ])

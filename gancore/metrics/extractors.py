@@ -30,6 +30,7 @@ TF_INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 MAKE_INCEPTION = "PYTHON=.venv/bin/python bash ../shared/weights/make-fid-inception.sh"
 KNOWN = (INCEPTION, *DOMAIN)
+NAMES = ("auto", *KNOWN)  # what eval.extractor takes (gancore/config.py asks here)
 FOR_CHANNELS = {1: "lenet_mnist", 3: "cifar_classifier"}  # a dataset without its own classifier (folder, npz)
 
 
@@ -103,7 +104,7 @@ def resolve(cfg: Config, extractor: str | None = None, channels: int | None = No
     name = extractor or cfg.eval.extractor
     if name != "auto":
         if name not in KNOWN:
-            raise MetricsError(f"unknown feature extractor {name!r}; known: auto, {', '.join(KNOWN)}")
+            raise MetricsError(f"unknown feature extractor {name!r}; known: {', '.join(NAMES)}")
         return name
     if inception_weights(cfg.eval.inception_weights) is not None:
         return INCEPTION

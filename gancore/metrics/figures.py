@@ -85,8 +85,8 @@ def class_accuracy(sample_with_labels: Callable[[torch.Tensor], torch.Tensor], c
     """
     if extractor in (None, "auto"):
         if cfg.data.name not in FOR_DATASET:
-            raise MetricsError(f"no domain classifier for data.name={cfg.data.name!r}; pass extractor="
-                               "lenet_mnist | lenet_fashion_mnist | cifar_classifier")
+            raise MetricsError(f"no domain classifier for data.name={cfg.data.name!r}; pass extractor= one of "
+                               f"{', '.join(extractors.DOMAIN)}")
         extractor = FOR_DATASET[cfg.data.name]
     if extractor == extractors.INCEPTION:
         raise MetricsError("class accuracy needs a domain classifier (its classes are the dataset's), not inception")

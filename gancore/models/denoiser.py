@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gancore.config import DiffusionConfig, ModelConfig
+from gancore.config import ModelConfig
+from gancore.families.diffusion_config import DiffusionConfig
 from gancore.errors import ConfigError
 from gancore.registry import MODELS
 

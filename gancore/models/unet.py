@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gancore.config import DiffusionConfig, ModelConfig
+from gancore.config import ModelConfig
+from gancore.families.diffusion_config import DiffusionConfig
 from gancore.errors import ConfigError
 from gancore.registry import MODELS
 

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gancore.config import Config, all_keys, coerce, flat, load_config, read_mapping, replace
+from gancore.config import Config, all_keys, choices, flat, load_config, read_mapping, replace
 from gancore.errors import ConfigError, SweepError
+from gancore.options import coerce
 
 DEFAULT_OUT = "runs/sweeps"  # sweep dirs: <out>/<study>/{trial_NNNN/, optuna.db, best.yaml, figures/}
-# Config keys whose values name a registry entry: checked when the sweep file is read, not in the middle of a sweep.
-REGISTRY_KEYS = {"family": "FAMILIES", "model.arch": "MODELS", "loss.name": "LOSSES", "data.name": "DATASETS"}
 
 
 @dataclass(frozen=True)
@@ -189,20 +188,14 @@ def _range(name: str, keys: tuple[str, ...], kind: str, d: dict, where: str) -> 
 
 
 def _check_values(keys: tuple[str, ...], values: list[Any], base: Config, where: str) -> None:
-    """Every value a parameter can take makes a valid config (and names a known registry entry)."""
+    """Every value a parameter can take makes a valid config (registry names included: gancore/config.py asks the
+    registries), checked when the sweep file is read, not in the middle of a sweep."""
     for key in keys:
         for v in values:
             try:
                 replace(base, **{key: v})
             except ConfigError as e:
                 raise SweepError(f"{where}: value {v!r} does not fit {key} ({e})") from None
-        if key in REGISTRY_KEYS:
-            from gancore import registry
-
-            reg = getattr(registry, REGISTRY_KEYS[key])
-            bad = [v for v in values if v not in reg]
-            if bad:
-                raise SweepError(f"{where}: unknown {reg.kind} {bad[0]!r}; known: {', '.join(reg.names())}")
 
 
 def _param(name: str, d: Any, base: Config, where: str) -> Param:
@@ -290,11 +283,9 @@ def _confirm(path: Path, d: Any, base: Config) -> Confirm | None:
     baseline = (path.parent / c["baseline"]).resolve() if c["baseline"] else None
     if baseline is not None and not baseline.is_file():
         raise SweepError(f"{path}: confirm.baseline: {baseline} not found; name a preset, e.g. ../configs/mnist_dcgan.yaml")
-    from gancore.config import CHOICES
-
-    if c["extractor"] not in CHOICES["eval.extractor"]:
+    if c["extractor"] not in choices("eval.extractor"):
         raise SweepError(f"{path}: confirm.extractor: {c['extractor']!r} is not one of "
-                         f"{', '.join(CHOICES['eval.extractor'])}")
+                         f"{', '.join(choices('eval.extractor'))}")
     if c["real_split"] not in ("train", "test"):
         raise SweepError(f"{path}: confirm.real_split: expected train or test, got {c['real_split']!r}")
     anchor = c["anchor"]
