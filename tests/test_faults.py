@@ -104,6 +104,7 @@ def _image_steps(client, run_id: str) -> list[tuple[str, int]]:
     return sorted((n.split("+")[0], int(n.split("+")[2])) for n in names if n.endswith(".png"))
 
 
+@pytest.mark.timeout(900)  # six killed sessions and a last one: about a minute on 2 idle cores, 5 on a loaded one
 def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
