@@ -22,6 +22,7 @@ from conftest import ROOT, needs_mnist, state_diffs
 from gancore.config import load_config
 from gancore.errors import CheckpointError
 from gancore.train import state as ckpt
+from gancore.train.rundir import RunDir
 from gancore.train.loop import fit
 
 pytestmark = needs_mnist
@@ -37,9 +38,10 @@ STATE_KEYS = ("step", "networks", "optimizers", "ema", "scaler", "rng", "loader"
 TIMED = {"images_per_s"}  # metrics that measure the machine, not the run
 
 
-def _assert_same_state(final: Path, reference: Path) -> None:
+def _assert_same_state(final: Path, reference: Path, steps: int = STEPS) -> None:
+    """Every tensor and number of the training state (all but run id and config) equals the reference's."""
     a, b = ckpt.load(final), ckpt.load(reference)
-    assert a["step"] == STEPS
+    assert a["step"] == b["step"] == steps
     for key in STATE_KEYS:
         assert state_diffs(a[key], b[key]) == [], key
 
@@ -75,6 +77,22 @@ def _step(p: Path | None) -> int:
     return int(p.name[5:13]) if p is not None else 0
 
 
+def _killed_session(cmd: list[str], env: dict, log: Path, until, what: str, extra: float = 0.0) -> None:
+    """Start `cmd`, SIGKILL it `extra` seconds after `until()` holds (it must still be running then)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait(proc, until, what, log)
+        time.sleep(extra)
+        assert proc.poll() is None, f"training finished before the '{what}' kill:\n{log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _metric_steps(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     run = client.get_run(run_id)
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
@@ -86,6 +104,7 @@ def _image_steps(client, run_id: str) -> list[tuple[str, int]]:
     return sorted((n.split("+")[0], int(n.split("+")[2])) for n in names if n.endswith(".png"))
 
 
+@pytest.mark.timeout(900)  # six killed sessions and a last one: about a minute on 2 idle cores, 5 on a loaded one
 def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -104,32 +123,26 @@ def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
     def after(start: float, seconds: float):
         return lambda: time.monotonic() - start >= seconds
 
+    # the evaluation of step `evaluated` (LeNet FID/KID/IS on 200 samples) is under way once that step's sample grid
+    # is written (track.image_every = eval.every) and until its checkpoint is: no earlier session got that far
+    evaluated = rng.choice([10, 20])
+    grid = RunDir(run_dir).sample_grid(evaluated)
     # (what, condition to kill at, seconds to wait after it holds); conditions are built when the session starts
     kills = [
         ("start-up", lambda at: lambda: after(at, rng.uniform(0.3, 2.0))() or created.exists(), 0.0),
         ("MLflow run created, no checkpoint yet", lambda at: created.exists, 0.0),
-        ("checkpoint write", lambda at: writing(rng.choice([10, 15, 20])), 0.0),
+        ("during an evaluation", lambda at: grid.exists, rng.uniform(0.0, 0.03)),
+        ("checkpoint write", lambda at: writing(_step(ckpt.latest(run_dir)) + rng.choice([5, 10])), 0.0),
         ("between checkpoints", lambda at: writing(_step(ckpt.latest(run_dir)) + 10), rng.uniform(0.02, 0.2)),
         ("end-of-run report, after the last checkpoint", lambda at: ckpt.step_path(run_dir, STEPS).exists, 0.0),
     ]
     seen = []
     for i, (what, condition, extra) in enumerate(kills):
-        log = tmp_path / f"session{i}.log"
         before = _step(ckpt.latest(run_dir))
-        with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait(proc, condition(time.monotonic()), what, log)
-            time.sleep(extra)
-            assert proc.poll() is None, f"training finished before the '{what}' kill:\n{log.read_text()[-3000:]}"
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _killed_session(cmd, env, tmp_path / f"session{i}.log", condition(time.monotonic()), what, extra)
         seen.append((what, before, _step(ckpt.latest(run_dir))))
     assert seen[0][2] == 0 and seen[1][2] == 0, seen  # the first two kills came before any checkpoint
+    assert seen[2][2] == evaluated - 5, seen  # killed after the step's grid, before its checkpoint: in its evaluation
     assert seen[-1][2] == STEPS, seen
 
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -159,6 +172,50 @@ def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
     assert got["Loss/D"][-1][0] == STEPS and len(got["Loss/D"]) == STEPS  # log_every=1: every step, once
     images = _image_steps(client, run.info.run_id)
     assert images == _image_steps(ref_client, reference["run_id"]) == [("samples", s) for s in (10, 20, 30, 40)]
+
+
+PLUS = ROOT / "configs" / "mnist_dcgan_plus.yaml"
+# The plus preset's own evaluation (lenet_mnist FID/KID/IS of the EMA generator, the best-FID checkpoint) and EMA
+# (0.999); shrunk, for cost only: data.subset (all -> 640), train.max_steps (5 epochs -> 30), eval.every (937 -> 10),
+# eval.n_samples (10k -> 500), train.checkpoint_every (-> 5), batch (64 -> 32), model.ngf/ndf (64 -> 16).
+# track.image_every = eval.every: a step's sample grid, written just before its evaluation, tells that it is under way.
+PLUS_TINY = ["data.subset=640", "optim.batch_size=32", "model.ngf=16", "model.ndf=16", "train.max_steps=30",
+             "train.checkpoint_every=5", "eval.every=10", "eval.n_samples=500", "track.image_every=10",
+             "train.progress=false", "track.enabled=false"]
+
+
+@pytest.mark.timeout(900)  # four fresh training processes: about 2 minutes on a loaded core
+def test_plus_preset_stopped_and_killed_resumes_bit_identical(tmp_path):
+    """mnist_dcgan_plus stopped cleanly, SIGKILLed during an evaluation and at a random moment after a checkpoint,
+    each time continued with --resume auto in a fresh process (which builds its extractor at another step than the
+    uninterrupted run): the final state equals the uninterrupted run's, every tensor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes below (OMP_NUM_THREADS=1)
+    try:
+        ref = fit(load_config(PLUS, PLUS_TINY), out=tmp_path / "ref")
+    finally:
+        torch.set_num_threads(threads)
+    assert ref.status == "finished" and ref.step == 30 and ref.metrics["best_fid_lenet_500"] > 0
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(PLUS), *PLUS_TINY, "--out", str(run_dir),
+           "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rng = random.Random(25)  # seeded: the same stop step and kill moments on every run of this test
+
+    stop = rng.choice([11, 12, 13, 14])  # a clean stop between the evaluations of steps 10 and 20
+    p = subprocess.run([*cmd, "--stop-after", str(stop)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 75 and _step(ckpt.latest(run_dir)) == stop, p.stdout + p.stderr
+    grid = RunDir(run_dir).sample_grid(20)
+    _killed_session(cmd, env, tmp_path / "eval.log", grid.exists, "the step-20 evaluation", rng.uniform(0.0, 0.03))
+    assert _step(ckpt.latest(run_dir)) == 15  # after step 20's grid, before its checkpoint: during its evaluation
+    _killed_session(cmd, env, tmp_path / "after.log", ckpt.step_path(run_dir, 25).exists, "after step 25",
+                    rng.uniform(0.0, 0.5))
+    assert 25 <= _step(ckpt.latest(run_dir)) < 30
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "done: 30 steps" in p.stdout, p.stdout + p.stderr
+    _assert_same_state(ckpt.step_path(run_dir, 30), ref.checkpoint, steps=30)
+    a, b = ckpt.load(RunDir(run_dir).best), ckpt.load(RunDir(ref.run_dir).best)  # the best-FID checkpoint too
+    assert a["step"] == b["step"] and state_diffs(a["networks"], b["networks"]) == state_diffs(a["ema"], b["ema"]) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def trained(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GANCORE_DATA", str(DATA))
         mp.setenv("GANCORE_CACHE", str(cache))
-        info = train_classifier("lenet_mnist", epochs=1, progress=False)
+        with torch.no_grad():  # as where it is trained lazily: class_accuracy's no_grad (trains all the same)
+            info = train_classifier("lenet_mnist", epochs=1, progress=False)
     info["cache"] = cache
     return info
 

@@ -145,8 +145,9 @@ def train_classifier(name: str, epochs: int | None = None, out: str | Path | Non
     x_test, y_test = load_images(DataConfig(name=spec.dataset, split="test"))
     steps_per_epoch = len(x) // batch_size
     t0 = time.time()
-    # Forked RNG: seeding here must not move the caller's (e.g. a GAN run's) random stream.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # Forked RNG: seeding here must not move the caller's (e.g. a GAN run's) random stream. Gradients on: callers
+    # that train it lazily may be inside no_grad (figures.class_accuracy, at the end of a conditional run).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # data order and augmentation
         net = spec.net().to(device)
