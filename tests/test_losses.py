@@ -9,6 +9,7 @@ from torch import nn
 from gancore.config import LossConfig
 from gancore.losses import Hinge, InstanceNoise, LeastSquares, NonSaturating, WassersteinGP, gradient_penalty, make_loss
 from gancore.errors import RegistryError
+from gancore.families.base import StepContext
 from conftest import needs_mnist
 
 
@@ -157,7 +158,7 @@ def test_penalty_batch_takes_the_first_images_only():
     fam = GAN(cfg, (1, 28, 28), 10)
     fam.networks["D"] = Square()
     x = torch.randn(5, 1, 28, 28)
-    _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), {})
+    _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), StepContext())
     assert stats["D/r1"].item() == pytest.approx(x[:2].flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
 
 
