@@ -3,7 +3,7 @@
     config.data -> load_images() -> (x uint8 (N, C, H, W), y int64 (N,)) -> DeviceLoader -> family.prepare()
 
 Data directory: `data.root`, else $GANCORE_DATA, else ./data. Two layouts are read for MNIST/CIFAR-10: the
-`.npz` files of ../shared/data (mnist.npz, cifar10/{train_k,test}.npz) and torchvision's own folders.
+prepared `.npz` files (mnist.npz, cifar10/{train_k,test}.npz) and torchvision's own folders.
 Decoded arrays are cached as plain .npy (LZMA-compressed npz takes seconds to decode) under $GANCORE_CACHE.
 """
 
@@ -295,10 +295,6 @@ class DeviceLoader:
         self.index += 1
         xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
         return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-
-    @property
-    def batches_seen(self) -> int:
-        return self.epoch * self.steps_per_epoch + self.index
 
     def state_dict(self) -> dict:
         return {"gen": self._epoch_start_state, "epoch": self.epoch, "index": self.index}

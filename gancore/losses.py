@@ -1,4 +1,4 @@
-"""Adversarial objectives as small objects with the same two methods (shared/STYLE.md #2).
+"""Adversarial objectives as small objects with the same two methods.
 
     d_loss(D, real, fake, y) -> (loss, stats)     g_loss(D, fake, y, real=None) -> (loss, stats)
 

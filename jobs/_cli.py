@@ -1,4 +1,4 @@
-"""Shared CLI glue: run a main function, map user errors to one line and an exit code (shared/STYLE.md #11)."""
+"""Shared CLI glue: run a main function, map user errors to one line and an exit code."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def deprecated_alias(new: str) -> type[argparse.Action]:
+    """argparse action for an old option name that still works: stores into the new option's dest, warns in one line."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001 - argparse's
+            print(f"warning: {option_string} is deprecated; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Alias
 
 
 def positive_int(v: str) -> int:

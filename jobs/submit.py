@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Launch training runs through submitit: `python jobs/submit.py --cluster slurm --config configs/quickstart.yaml k=v`.
 
-Several runs at once: `--sweep-file sets.txt` (one `k=v k2=v2` set per line), repeated `--set "k=v k2=v2"`, and/or
+Several runs at once: `--sets-file sets.txt` (one `k=v k2=v2` set per line), repeated `--set "k=v k2=v2"`, and/or
 `--seeds 0,1,2` (every set x every seed); on Slurm they go out as one job array. Jobs checkpoint and requeue
 themselves on preemption / time limit and resume into the same MLflow run. `--wait` shows a live status table and
 then the results. Exit codes: 0 submitted (with --wait: every run finished), 1 a run failed, 2 bad input / no Slurm.
@@ -14,6 +14,7 @@ import shlex
 
 from _cli import (
     Parser,
+    deprecated_alias,
     non_negative_int,
     out_dir,
     positive_float,
@@ -36,7 +37,9 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides shared by every run")
     ap.add_argument("--out", type=out_dir, help="run dir (several runs: DIR-00, DIR-01, ...); default runs/<preset>-<timestamp>")
     several = ap.add_argument_group("several runs")
-    several.add_argument("--sweep-file", help="one override set per line ('k=v k2=v2'; # comments)")
+    several.add_argument("--sets-file", metavar="FILE", help="one override set per line ('k=v k2=v2'; # comments)")
+    several.add_argument("--sweep-file", dest="sets_file", action=deprecated_alias("--sets-file"),
+                         help=argparse.SUPPRESS)  # the old name (a sweep file is jobs/sweep.py's Optuna YAML)
     several.add_argument("--set", dest="sets", action="append", default=[], metavar="'K=V K2=V2'",
                          help="one override set (repeat for more runs)")
     several.add_argument("--seeds", help="comma-separated train.seed values, crossed with the override sets")
@@ -61,7 +64,7 @@ def main() -> int:
 
     from rich.console import Console
 
-    sets = [*(runs.read_sweep_file(args.sweep_file) if args.sweep_file else []),
+    sets = [*(runs.read_sets_file(args.sets_file) if args.sets_file else []),
             *(shlex.split(s) for s in args.sets)]
     seeds = runs.parse_seeds(args.seeds) if args.seeds else None
     resources = Resources(gpus=args.gpus, nodes=args.nodes, cpus=args.cpus, mem=args.mem, time=args.time,

@@ -9,6 +9,7 @@ import torch
 from gancore.train import state as ckpt
 from gancore.errors import ConfigError
 from gancore.experiments.anomaly_table import anomaly_table
+from gancore.families.base import StepContext
 from gancore.families.ganomaly import GANomaly, auroc
 from gancore.families.vae import VAE, kl_divergence
 from gancore.train.loop import fit
@@ -41,9 +42,9 @@ def _changed(before, net) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def _one_step(family, phase, batch, step=None):
+def _one_step(family, phase, batch, ctx=None):
     opt = family.optimizers[phase.optimizer]
-    loss, stats = phase.loss(batch, {} if step is None else step)
+    loss, stats = phase.loss(batch, StepContext() if ctx is None else ctx)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -95,7 +96,7 @@ def test_vae_beta_weights_kl():
     torch.manual_seed(0)
     fam = VAE(tiny("vae.beta=4", config="configs/mnist_vae.yaml"), (1, 28, 28), 10)
     batch = fam.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), None)
-    loss, s = fam.loss(batch, {})
+    loss, s = fam.loss(batch, StepContext())
     assert loss.item() == pytest.approx((s["Loss/recon"] + 4 * s["Loss/kl"]).item(), rel=1e-6)
 
 
@@ -135,18 +136,18 @@ def test_ganomaly_shapes_and_one_step(disc):
     assert x_hat.abs().max() <= 1  # tanh
     assert D(z if disc == "latent" else batch.x).shape == (6, 1)
     bg, bd = _params(G), _params(D)
-    step = {}  # the StepContext the two phases share
-    _, gs = _one_step(fam, fam.phases[0], batch, step)
+    ctx = StepContext()  # what the two phases share
+    _, gs = _one_step(fam, fam.phases[0], batch, ctx)
     assert {"Loss/G", "Loss/adv", "Loss/con", "Loss/enc"} <= set(gs)
     w = fam.cfg.ganomaly
     assert gs["Loss/G"].item() == pytest.approx(
         (w.w_adv * gs["Loss/adv"] + w.w_con * gs["Loss/con"] + w.w_enc * gs["Loss/enc"]).item(), rel=1e-5)
     assert _changed(bg, G) and not _changed(bd, D)
-    _, ds = _one_step(fam, fam.phases[1], batch, step)  # reuses the G phase's batch and reconstructions
+    _, ds = _one_step(fam, fam.phases[1], batch, ctx)  # reuses the G phase's batch and reconstructions
     assert "Loss/D" in ds and math.isfinite(ds["Loss/D"].item())
     assert _changed(bd, D)
     with pytest.raises(RuntimeError, match="after its G phase"):
-        fam.phases[1].loss(batch, {})
+        fam.phases[1].loss(batch, StepContext())
 
 
 def test_ganomaly_needs_a_normal_class_and_power_of_two_size():

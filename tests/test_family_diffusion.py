@@ -9,7 +9,7 @@ import torch
 
 from gancore.train import state as ckpt
 from gancore.config import load_config
-from gancore.families.base import Batch
+from gancore.families.base import Batch, StepContext
 from gancore.families.diffusion import Diffusion, GaussianDiffusion, ReportDenoiser, beta_schedule
 from gancore.registry import FAMILIES, MODELS
 from gancore.train.loop import fit
@@ -75,7 +75,7 @@ def test_unet_shape_and_one_step(attention):
     assert net.class_emb.num_embeddings == 11 and fam.null_class == 10
     assert any(type(m).__name__ == "Attention" for m in net.modules()) == attention
     before = [p.detach().clone() for p in net.parameters()]
-    loss, stats = fam.phases[0].loss(Batch(x, y[:4].clamp(max=9)), {})
+    loss, stats = fam.phases[0].loss(Batch(x, y[:4].clamp(max=9)), StepContext())
     assert set(stats) == {"Loss/mse", "Loss/total"} and loss.ndim == 0
     assert 0.5 < loss.item() < 1.5  # eps-prediction starts at ~E[eps^2] = 1 (zero-initialised output)
     fam.optimizers["denoiser"].zero_grad()
@@ -100,7 +100,7 @@ def test_report_denoiser_shape_and_one_step():
     net = fam.networks["denoiser"]
     x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 9])
     assert net(x, y).shape == (4, 3, 16, 16)
-    loss, stats = fam.phases[0].loss(Batch(x, y), {})
+    loss, stats = fam.phases[0].loss(Batch(x, y), StepContext())
     fam.optimizers["denoiser"].zero_grad()
     loss.backward()
     fam.optimizers["denoiser"].step()

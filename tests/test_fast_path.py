@@ -18,7 +18,7 @@ from gancore.train import state as ckpt
 from gancore.train import fast
 from gancore.config import load_config
 from gancore.train.ema import EMA
-from gancore.families.base import Batch
+from gancore.families.base import Batch, StepContext
 from gancore.families.base import adam_options
 from gancore.registry import FAMILIES
 from gancore.train.stats import StatsAccumulator
@@ -218,12 +218,12 @@ def test_static_step_is_bit_identical_to_the_plain_loop(tmp_path, capsys, one_th
 
 def _grads(fam, batch):
     """Loss and flattened gradients of every phase of one step, without optimiser updates."""
-    out, step = [], {}
+    out, ctx = [], StepContext()
     for phase in fam.phases:
         for net in fam.networks.values():
             net.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same noise inside each phase for both variants
-        loss, _ = phase.loss(batch, step)
+        loss, _ = phase.loss(batch, ctx)
         loss.backward()
         params = [p for group in fam.optimizers[phase.optimizer].param_groups for p in group["params"]]
         out.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))

@@ -14,7 +14,7 @@ from conftest import ROOT, needs_mnist
 from gancore.cluster.job import TrainJob
 from gancore.cluster.rendezvous import master_port, rendezvous_env
 from gancore.cluster.resources import Resources, parse_mem_gb, parse_time_min
-from gancore.cluster.runs import collect, expand_runs, parse_seeds, read_sweep_file, result_lines, submit_runs
+from gancore.cluster.runs import collect, expand_runs, parse_seeds, read_sets_file, result_lines, submit_runs
 from gancore.errors import LaunchError
 from gancore.train import state as ckpt
 
@@ -101,7 +101,7 @@ def test_stopped_job_hands_over_to_submitit_except_on_sigterm(tmp_path, monkeypa
 def test_run_lists_cross_sets_and_seeds(tmp_path):
     f = tmp_path / "sets.txt"
     f.write_text("# lr sweep\noptim.lr_g=1e-4 optim.lr_d=1e-4\n\noptim.lr_g=2e-4  # default\n")
-    sets = read_sweep_file(f)
+    sets = read_sets_file(f)
     assert sets == [["optim.lr_g=1e-4", "optim.lr_d=1e-4"], ["optim.lr_g=2e-4"]]
     runs = expand_runs(["train.epochs=1"], sets, [0, 1])
     assert [r.overrides for r in runs] == [
@@ -202,5 +202,9 @@ def test_submit_cli_bad_input_is_exit_2(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
     p = _cli_error("--cluster", "local", "--config", CONFIG, "--time", "soon")
     assert p.returncode == 2 and "bad --time 'soon'" in p.stderr
-    p = _cli_error("--cluster", "local", "--sweep-file", "missing.txt")
-    assert p.returncode == 2 and "sweep file 'missing.txt' not found" in p.stderr
+    p = _cli_error("--cluster", "local", "--sweep-file", "missing.txt")  # the deprecated name still works
+    assert p.returncode == 2 and "sets file 'missing.txt' not found" in p.stderr
+    assert "warning: --sweep-file is deprecated; use --sets-file" in p.stderr
+    p = _cli_error("--cluster", "local", "--sets-file", "missing.txt")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: sets file 'missing.txt' not found"]

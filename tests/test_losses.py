@@ -9,6 +9,7 @@ from torch import nn
 from gancore.config import LossConfig
 from gancore.losses import Hinge, InstanceNoise, LeastSquares, NonSaturating, WassersteinGP, gradient_penalty, make_loss
 from gancore.errors import RegistryError
+from gancore.families.base import StepContext
 from conftest import needs_mnist
 
 
@@ -136,9 +137,9 @@ def test_gan_family_adds_r1_on_real_and_r2_on_fake_images_by_hand():
     fam.networks["D"] = Square()
     torch.manual_seed(0)
     x = torch.randn(3, 1, 28, 28)
-    ctx: dict = {}
+    ctx = StepContext()
     loss, stats = fam.d_loss(Batch(x, torch.zeros(3, dtype=torch.long)), ctx)
-    fake = ctx["fake"][0].detach()
+    fake = ctx.take("fake")[0].detach()
     base, _ = NonSaturating(cfg.loss).d_loss(Square(), x, fake)
     r1 = x.flatten(1).pow(2).sum(1).mean()  # grad of Square at x is x
     r2 = fake.flatten(1).pow(2).sum(1).mean()
@@ -157,7 +158,7 @@ def test_penalty_batch_takes_the_first_images_only():
     fam = GAN(cfg, (1, 28, 28), 10)
     fam.networks["D"] = Square()
     x = torch.randn(5, 1, 28, 28)
-    _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), {})
+    _, stats = fam.d_loss(Batch(x, torch.zeros(5, dtype=torch.long)), StepContext())
     assert stats["D/r1"].item() == pytest.approx(x[:2].flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
 
 
@@ -216,9 +217,9 @@ def test_rpgan_with_r1_r2_through_the_gan_family_by_hand():
     fam = GAN(cfg, (1, 28, 28), 10)
     fam.networks["D"] = D = Quad()
     torch.manual_seed(0)
-    x, ctx = 0.1 * torch.randn(3, 1, 28, 28), {}
+    x, ctx = 0.1 * torch.randn(3, 1, 28, 28), StepContext()
     loss, stats = fam.d_loss(Batch(x, torch.zeros(3, dtype=torch.long)), ctx)
-    fake = ctx["fake"][0].detach()
+    fake = ctx.take("fake")[0].detach()
     qr, qf = x.flatten(1).pow(2).sum(1), fake.flatten(1).pow(2).sum(1)  # ||x||^2: D = q/2, grad = x, penalty = q
     d = 0.5 * (qf - qr)  # D(G(z)_i) - D(x_i) at a = 1
     adv = torch.nn.functional.softplus(d).mean()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gancore.config import load_config
-from gancore.families.base import Batch
+from gancore.families.base import Batch, StepContext
 from gancore.errors import ConfigError
 from gancore.registry import FAMILIES, MODELS
 
@@ -44,10 +44,10 @@ def test_shapes_and_one_step(arch, shape, over):
     assert D(x, cond).shape == (b, 1)
 
     batch = Batch(torch.rand(b, *shape) * 2 - 1, y)
-    step = {}  # the StepContext one step's phases share
+    ctx = StepContext()  # what one step's phases share
     for phase in fam.phases:
         before = [p.detach().clone() for p in fam.optimizers[phase.optimizer].param_groups[0]["params"]]
-        loss, stats = phase.loss(batch, step)
+        loss, stats = phase.loss(batch, ctx)
         assert loss.ndim == 0 and torch.isfinite(loss)
         assert all(torch.isfinite(v) for v in stats.values())
         opt = fam.optimizers[phase.optimizer]

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from gancore import tracking
 from gancore.config import hyperparams, load_config
 from gancore.errors import TrackingError
-from gancore.tracking import MLflowTracker, NullTracker, make_tracker, tracker
+from gancore.tracking import MLflowTracker, NullTracker, make_tracker, sender
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def store(tmp_path, monkeypatch, template_db):
     (tmp_path / "mlruns").mkdir()
     shutil.copy(template_db, tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracker, "FLUSH_EVERY_S", 3600.0)  # only size or flush() send: deterministic batching
+    monkeypatch.setattr(sender, "FLUSH_EVERY_S", 3600.0)  # only size or flush() send: deterministic batching
     return tmp_path
 
 
@@ -70,7 +70,7 @@ def test_null_tracker_when_disabled_or_not_main(tmp_path, monkeypatch):
 def test_run_params_tags_metrics_images_artifacts(store, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    monkeypatch.setattr(tracker, "FLUSH_EVERY_METRICS", 5)
+    monkeypatch.setattr(sender, "FLUSH_EVERY_METRICS", 5)
     cfg = _cfg("optim.lr_g=1e-4", "model.nz=64")
     tr = make_tracker(cfg, is_main=True)
     run_id = tr.start(cfg, store / "runs" / "a", tags={"gancore.extra": "x"})

@@ -7,7 +7,7 @@
                  from one pure function; `master_port(job_id)`; `python -m gancore.cluster.rendezvous` (slurm/train.sh)
 - job.py         `TrainJob`, the checkpointable submitit job; `hand_over_to_submitit` (a checkpointed stop -> submitit's
                  checkpoint() + requeue, never after SIGTERM) and `requeue_signal` (SUBMITIT_PREEMPT_SIGNAL)
-- runs.py        batches of runs: run lists (sweep files, --set, --seeds), `submit_runs` (one job array), `wait`
+- runs.py        batches of runs: run lists (sets files, --set, --seeds), `submit_runs` (one job array), `wait`
                  with a live table, `collect` and `result_lines` (jobs/submit.py is the CLI over it)
 - array.py       Optuna sweep workers as a Slurm job array (used by gancore/sweep)
 
@@ -27,7 +27,7 @@ _EXPORTS = {
     "make_executor": "executors",
     "master_port": "rendezvous", "rendezvous_env": "rendezvous",
     "TrainJob": "job", "hand_over_to_submitit": "job", "requeue_signal": "job",
-    "RunSpec": "runs", "Submitted": "runs", "Outcome": "runs", "read_sweep_file": "runs", "parse_seeds": "runs",
+    "RunSpec": "runs", "Submitted": "runs", "Outcome": "runs", "read_sets_file": "runs", "parse_seeds": "runs",
     "expand_runs": "runs", "submit_runs": "runs", "wait": "runs", "collect": "runs", "result_lines": "runs",
     "short_path": "runs",
 }
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below import
     from gancore.cluster.rendezvous import master_port, rendezvous_env
     from gancore.cluster.resources import CLUSTERS, Resources, parse_mem_gb, parse_time_min, slurm_problem
     from gancore.cluster.runs import (Outcome, RunSpec, Submitted, collect, expand_runs, parse_seeds,
-                                      read_sweep_file, result_lines, short_path, submit_runs, wait)
+                                      read_sets_file, result_lines, short_path, submit_runs, wait)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """Batches of training runs through submitit: run lists, submission (one Slurm job array), waiting, results.
 
-`jobs/submit.py` is the CLI over this module. A run list is base overrides x (sweep-file lines | --set groups) x
+`jobs/submit.py` is the CLI over this module. A run list is base overrides x (sets-file lines | --set groups) x
 seeds; every run's config is validated before anything is submitted.
 """
 
@@ -23,7 +23,7 @@ POLL_S = 5.0  # --wait: seconds between status refreshes (one sacct call for all
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run lists: base overrides x (sweep-file lines | --set groups) x seeds
+# Run lists: base overrides x (sets-file lines | --set groups) x seeds
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,12 @@ class RunSpec:
     label: str  # what differs between the runs, for tables
 
 
-def read_sweep_file(path: str | Path) -> list[list[str]]:
-    """One override set per line (shell-quoted `k=v k2=v2`); blank lines and # comments are skipped."""
+def read_sets_file(path: str | Path) -> list[list[str]]:
+    """A sets file (jobs/submit.py --sets-file; not a sweep's Optuna YAML): one override set per line (shell-quoted
+    `k=v k2=v2`); blank lines and # comments are skipped."""
     p = Path(path)
     if not p.is_file():
-        raise LaunchError(f"sweep file {str(p)!r} not found")
+        raise LaunchError(f"sets file {str(p)!r} not found")
     sets = []
     for n, line in enumerate(p.read_text().splitlines(), 1):
         try:
@@ -46,7 +47,7 @@ def read_sweep_file(path: str | Path) -> list[list[str]]:
         if words:
             sets.append(words)
     if not sets:
-        raise LaunchError(f"sweep file {str(p)!r} holds no override sets (one 'k=v k2=v2' per line)")
+        raise LaunchError(f"sets file {str(p)!r} holds no override sets (one 'k=v k2=v2' per line)")
     return sets
 
 

@@ -1,4 +1,4 @@
-"""The reference reports' numbers and the settings each preset must share with its report (issue #17).
+"""The reference reports' numbers and the settings each preset must share with its report.
 
 `REPORTED` is the one place the published numbers live (results tables put gancore's numbers beside them);
 `REPORT_SETTINGS` is what tests/test_config.py asserts of every report preset, so a preset cannot drift from

@@ -1,5 +1,5 @@
 """`make reproduce SUITE=...`: train every experiment of a suite (or reuse its finished run), evaluate all of them
-under one named protocol, and write results/<suite>.md, .csv and a FID-vs-step figure (issue #17).
+under one named protocol, and write results/<suite>.md, .csv and a FID-vs-step figure.
 
 Each experiment is an ordinary training run (gancore.train) in `<runs>/<preset>-<config digest>`, so the same
 resolved config always lands in the same run dir: a rerun reuses a finished run (its MLflow run is FINISHED and
@@ -135,10 +135,9 @@ def finished_run(p: Plan) -> str | None:
     if last is None or RunDir.step_of(last) != p.steps or not rec.is_file():
         return None
     run_id = json.loads(rec.read_text())["run_id"]
-    from gancore.tracking.store import existing_client
+    from gancore.tracking import open_run_info
 
-    client, _ = existing_client(p.cfg.track.uri)
-    return run_id if client.get_run(run_id).info.status == "FINISHED" else None
+    return run_id if open_run_info(run_id, p.cfg.track.uri)["status"] == "FINISHED" else None
 
 
 def table_name(suite: str, protocol: str = "domain", epochs: int | None = None) -> str:
@@ -199,32 +198,31 @@ def final_eval(p: Plan, run_id: str, final: str, progress: Any = print) -> None:
 def table_row(p: Plan, run_id: str, protocol: str, final: str | None = None) -> dict[str, Any]:
     """One results row, read back from the experiment's finished MLflow run `run_id`."""
     from gancore.metrics.fidelity import MetricKey
-    from gancore.tracking.store import existing_client
+    from gancore.tracking import metric_history, open_run_info
 
-    client, _ = existing_client(p.cfg.track.uri)
-    run = client.get_run(run_id)
-    metric = lambda k: run.data.metrics.get(k)  # noqa: E731
+    uri = p.cfg.track.uri
+    run = open_run_info(run_id, uri)
+    metric = run["metrics"].get
     fid = MetricKey.of("fid", p.cfg.eval.extractor, p.cfg.eval.n_samples)
-    hist = sorted(client.get_metric_history(run_id, fid.name), key=lambda m: m.step)
+    hist = metric_history(run_id, fid.name, uri)  # [(step, value)] by step
     fid_key = fid.name if hist else None
-    best = min(hist, key=lambda m: m.value) if hist else None
+    best = min(hist, key=lambda m: m[1]) if hist else None
     same = lambda kind: metric(dataclasses.replace(fid, metric=kind).name)  # noqa: E731 (the FID key's protocol)
     rep = REPORTED.get(p.preset)
     extra: dict[str, Any] = {}
     if final:
-        key = final_key(p, final)
-        last = max(client.get_metric_history(run_id, key), key=lambda m: m.step, default=None)
-        extra = {"final_fid": last.value if last else None, "final_step": last.step if last else None,
+        last = max(metric_history(run_id, final_key(p, final), uri), key=lambda m: m[0], default=None)
+        extra = {"final_fid": last[1] if last else None, "final_step": last[0] if last else None,
                  "final_kid": metric(final_key(p, final, "kid"))}
     return {**extra,
         "experiment": p.label, "report_fid": rep.fid if rep else None, "report_is": rep.inception_score if rep else None,
-        "fid_best": best.value if best else None, "fid_best_step": best.step if best else None,
-        "fid_last": hist[-1].value if hist else None, "is_last": same("is") if fid_key else None,
+        "fid_best": best[1] if best else None, "fid_best_step": best[0] if best else None,
+        "fid_last": hist[-1][1] if hist else None, "is_last": same("is") if fid_key else None,
         "kid_last": same("kid") if fid_key else None,
         "protocol": f"{protocol}: {fid_key}" if fid_key else protocol, "steps": p.steps,
-        "wall_min": (run.info.end_time - run.info.start_time) / 60000 if run.info.end_time else None,
-        "device": run.data.tags.get("gancore.device", "?"), "run_id": run_id,
-        "history": [(m.step, m.value) for m in hist],
+        "wall_min": (run["end_time"] - run["start_time"]) / 60000 if run["end_time"] else None,
+        "device": run["tags"].get("gancore.device", "?"), "run_id": run_id,
+        "history": hist,
         "run_dir": p.run_dir,
     }
 
@@ -433,7 +431,6 @@ def estimate_final_seconds(plans: list[Plan], final: str, probe: int = 50) -> fl
 
 
 def _metrics(p: Plan, run_id: str) -> dict[str, float]:
-    from gancore.tracking.store import existing_client
+    from gancore.tracking import open_run_info
 
-    client, _ = existing_client(p.cfg.track.uri)
-    return client.get_run(run_id).data.metrics
+    return open_run_info(run_id, p.cfg.track.uri)["metrics"]

@@ -1,4 +1,5 @@
-"""What the trainer drives: a family object (shared/STYLE.md #13), and the helpers every family shares.
+"""What the trainer drives: a family object (the process is one object, its networks others), and the helpers every
+family shares.
 
 Owns: `Family` (the interface), `Phase`, `Batch`, `StepContext`; the shared helpers (`unwrap`, `eval_mode`,
 `load_test_split`, the figure helpers `save_figure` / `titled_rows` / `labelled_grid`) and `adam_options`.
@@ -8,8 +9,8 @@ A family owns its networks and optimisers and says which phases one training ste
 this interface; it never asks which family, model or loss it runs.
 
     phases:  GAN -> [D x d_iters, G];  VAE -> [ELBO];  GANomaly -> [G, D];  diffusion -> [denoise]
-    each phase: loss(batch, step) -> (scalar loss, {stat name: 0-d tensor}) on one optimiser; `step` is the
-    StepContext the step's phases share (a new dict per step)
+    each phase: loss(batch, ctx) -> (scalar loss, {stat name: 0-d tensor}) on one optimiser; `ctx` is the
+    StepContext the step's phases share (a new one per step)
 """
 
 from __future__ import annotations
@@ -27,9 +28,27 @@ from torch import nn
 from gancore.config import CAPTURED, Config
 
 Stats = dict[str, torch.Tensor]
-#: What one training step's phases hand each other (GAN: the last D step's fakes for the G phase; GANomaly: the G
-#: phase's reconstructions for D). The loop makes a new, empty one every step, so nothing outlives the step.
-StepContext = dict[str, Any]
+
+
+class StepContext:
+    """What one training step's phases hand each other (GAN: the last D step's fakes for the G phase; GANomaly: the G
+    phase's reconstructions for D). The loop makes a new, empty one every step, so nothing outlives the step."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+
+    def put(self, name: str, value: Any) -> None:
+        """Leave `value` for a later phase of this step (replacing what an earlier repeat left under `name`)."""
+        self._items[name] = value
+
+    def take(self, name: str) -> Any:
+        """What an earlier phase left under `name`, removed: a graph it holds is released once the taker is done."""
+        return self._items.pop(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
 EVAL_BATCH = 500  # images per forward pass when a family scores, encodes or reconstructs a whole split
 
 

@@ -1,4 +1,4 @@
-"""Diffusion on the one trainer (shared/STYLE.md #13: the process is one object, the network another).
+"""Diffusion on the one trainer (the process is one object, the network another).
 
 Owns: the Gaussian diffusion process (`beta_schedule`, `GaussianDiffusion`) and the two families that train a
 denoiser (`diffusion`, `denoiser_report`), their samplers, figures and metrics.
@@ -202,7 +202,7 @@ class Diffusion(_Denoising):
         self.process = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
         self.null_class = num_classes  # the label embedding's extra row
 
-    def loss(self, batch: Batch, step: StepContext):
+    def loss(self, batch: Batch, ctx: StepContext):
         return self.process.training_loss(self.networks["denoiser"], batch.x, batch.y, self.cfg.diffusion.p_uncond,
                                           self.null_class)
 
@@ -263,7 +263,7 @@ class ReportDenoiser(_Denoising):
         self.sigma = cfg.diffusion.sigma
         self._heldout: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def loss(self, batch: Batch, step: StepContext):
+    def loss(self, batch: Batch, ctx: StepContext):
         noisy = batch.x + self.sigma * torch.randn_like(batch.x)
         mse = F.mse_loss(self.networks["denoiser"](noisy, batch.y).float(), batch.x)
         return mse, {"Loss/mse": mse.detach(), "Loss/total": mse.detach()}

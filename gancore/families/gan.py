@@ -37,14 +37,14 @@ class GAN(Family):
         # conditional fakes take the real batch's labels, so D sees the same class mix on both sides
         return batch.y if self.conditional else None
 
-    def d_loss(self, batch: Batch, step: StepContext):
+    def d_loss(self, batch: Batch, ctx: StepContext):
         G, D = self.networks["G"], self.networks["D"]
         y = self._labels(batch)
         z = torch.randn(batch.x.shape[0], self.nz, device=batch.x.device)
         # G's forward keeps its graph: the G phase reuses the last D step's fakes (as the DCGAN reference loop
         # does: one G forward per step; G's weights do not change during the D phase, so the graph stays valid)
         fake = G(z, y)
-        step["fake"] = (fake, y)  # for this step's G phase
+        ctx.put("fake", (fake, y))  # for this step's G phase
         real, fake = self.noise(batch.x), self.noise(fake.detach())
         loss, stats = self.loss.d_loss(D, real, fake, y)
         n = self.cfg.loss.penalty_batch or None  # the first n images (loss.penalty_batch), or all
@@ -55,9 +55,9 @@ class GAN(Family):
                 stats = {**stats, "Loss/D": loss.detach(), f"D/{name}": penalty.detach()}
         return loss, stats
 
-    def g_loss(self, batch: Batch, step: StepContext):
+    def g_loss(self, batch: Batch, ctx: StepContext):
         D = self.networks["D"]
-        fake, y = step.pop("fake")  # the last D step's G(z); popped: the graph is released after use
+        fake, y = ctx.take("fake")  # the last D step's G(z); taken: the graph is released after use
         # relativistic losses compare with this step's real batch (the last D step's); others are given none
         real = self.noise(batch.x) if self.loss.uses_real_in_g else None
         return self.loss.g_loss(D, self.noise(fake), y, real=real)

@@ -136,20 +136,20 @@ class GANomaly(Family):
         self._scores: tuple[float, np.ndarray] | None = None  # (weights fingerprint, test scores)
 
     # -- the two phases --------------------------------------------------------------------------------------
-    def g_loss(self, batch: Batch, step: StepContext):
+    def g_loss(self, batch: Batch, ctx: StepContext):
         x_hat, z, z_hat = self.networks["G"](batch.x)
         adv, stats = self.adversary.g_adv(self.networks["D"], batch.x, x_hat, z)
         con = (batch.x - x_hat).abs().mean()  # contextual: L1 between x and x_hat
         enc = (z - z_hat).pow(2).mean()  # latent: L2 between z and z_hat
         loss = self.w_adv * adv + self.w_con * con + self.w_enc * enc
-        step["recon"] = (batch.x, x_hat.detach(), z.detach())  # for this step's D phase
+        ctx.put("recon", (batch.x, x_hat.detach(), z.detach()))  # for this step's D phase
         return loss, {"Loss/G": loss.detach(), "Loss/adv": adv.detach(), "Loss/con": con.detach(),
                       "Loss/enc": enc.detach(), **stats}
 
-    def d_loss(self, batch: Batch, step: StepContext):
-        if "recon" not in step:
+    def d_loss(self, batch: Batch, ctx: StepContext):
+        if "recon" not in ctx:
             raise RuntimeError("GANomaly's D phase runs after its G phase (the phases are [G, D])")
-        x, x_hat, z = step.pop("recon")
+        x, x_hat, z = ctx.take("recon")
         return self.adversary.d_loss(self.networks["D"], x, x_hat, z)
 
     # -- sampling: reconstructions of fixed real test images -------------------------------------------------

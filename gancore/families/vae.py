@@ -70,7 +70,7 @@ class VAE(Family):
         x_hat = decoder(mu + (0.5 * logvar).exp() * eps)
         return reconstruction_error(x_hat, x), kl_divergence(mu, logvar), x_hat
 
-    def loss(self, batch: Batch, step: StepContext):
+    def loss(self, batch: Batch, ctx: StepContext):
         recon, kl, _ = self.terms(batch.x)
         recon, kl = recon.mean(), kl.mean()  # per image: summed over pixels / latents, mean over the batch
         total = recon + self.beta * kl

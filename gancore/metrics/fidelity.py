@@ -83,7 +83,7 @@ _KEY_RE = re.compile(rf"(best_)?({'|'.join(KINDS)})_(.+?)_(\d+)(k?)(?:_({'|'.joi
 
 @dataclass(frozen=True)
 class MetricKey:
-    """A sample-quality metric's name, which states its protocol (shared/STYLE.md #8); the one place such a name is
+    """A sample-quality metric's name, which states its protocol; the one place such a name is
     built and taken apart. MetricKey.of("fid", "lenet_mnist", 10000).name == "fid_lenet_10k";
     MetricKey.parse("fid_inception_10k_test") == MetricKey("fid", "inception", 10000, "test");
     "best_fid_lenet_10k" (best=True) is the lowest fid_lenet_10k a run reached (the loop's end-of-run value)."""
@@ -264,11 +264,12 @@ def _real_features(fe: FeatureExtractorBase, x_real: torch.Tensor, batch: int, d
     statistics are written, so an interrupted first evaluation (35 min for 10k Inception features on a CPU)
     continues where it stopped."""
     def chunk(i: int) -> Callable[[int], torch.Tensor]:
-        pos = [i * CHUNK]
+        pos = i * CHUNK
 
         def take(b: int) -> torch.Tensor:
-            pos[0] += b
-            return x_real[pos[0] - b: pos[0]]
+            nonlocal pos
+            pos += b
+            return x_real[pos - b: pos]
         return take
 
     return chunked_features(fe, chunk, len(x_real), batch, device, parts, progress, "real features", stop)
@@ -343,7 +344,7 @@ ALL_METRICS = tuple(METRIC_FNS)  # ("fid", "is", "kid", "pr")
 
 
 def protocol(cfg: Config, extractor: str | None = None, n: int | None = None, ema: bool = False) -> dict[str, Any]:
-    """How a sample-quality number is measured, to store beside it (issue #17): the numbers of two runs belong in one
+    """How a sample-quality number is measured, to store beside it: the numbers of two runs belong in one
     column only when these agree. Keyed in MLflow as tag MetricKey.protocol_key (fid_lenet_10k ->
     gancore.protocol.lenet_10k)."""
     import torch_fidelity

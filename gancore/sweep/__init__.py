@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps: an Optuna study whose trials are gancore training runs (issue #7; sweeps/README.md).
+"""Hyper-parameter sweeps: an Optuna study whose trials are gancore training runs (sweeps/README.md).
 
     spec.py       the sweep file: Param, Sweep, load_sweep (strict validation), trial_config, definition
     storage.py    the study's storage (sqlite with BEGIN IMMEDIATE, journal file, RDB), sampler, pruner, open_study;

@@ -1,4 +1,4 @@
-"""The sweep's confirmation (#26): a search's winner judged on seeds the search never used, at the full budget,
+"""The sweep's confirmation: a search's winner judged on seeds the search never used, at the full budget,
 beside a baseline preset trained and measured the same way. `python jobs/sweep.py SWEEP --confirm`.
 
 For each run (winner x confirm.seeds, baseline x confirm.baseline_seeds): train it in <sweep dir>/confirm/<role>_seed<s>

@@ -1,4 +1,4 @@
-"""A finished run's generator as an MLflow model (issue #16): logged into the run, loaded back by URI.
+"""A finished run's generator as an MLflow model: logged into the run, loaded back by URI.
 
     mlflow.pytorch.load_model("runs:/<run id>/generator")   (or "models:/<registered name>/<version>")
     -> Generator: forward(z (B, nz) float32[, y (B,) int64 class labels]) -> uint8 images (B, C, H, W)

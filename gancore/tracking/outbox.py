@@ -1,8 +1,8 @@
-"""The tracking outbox: what a run logged, kept on disk until the MLflow store has it (issue #20).
+"""The tracking outbox: what a run logged, kept on disk until the MLflow store has it, and how a record is delivered.
 
 Every record the tracker is given is appended here before the trainer goes on, and a background sender
-(tracker.py) delivers the records in order; a tracking server that goes away only delays delivery. What a run
-could not deliver stays in the run dir, and `python jobs/sync.py RUN_DIR` (sync_run_dir below) sends it later.
+(sender.py) delivers the records in order; a tracking server that goes away only delays delivery. What a run
+could not deliver stays in the run dir, and `python jobs/sync.py RUN_DIR` (sender.sync_run_dir) sends it later.
 
     <run dir>/tracking_outbox/
         run.json        {"run_id", "uri"}: where the records go (atomic write)
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,14 +32,13 @@ import numpy as np
 
 from gancore.errors import TrackingError
 from gancore.io import atomic_write
-from gancore.tracking.store import check_reachable, get_run, mlflow_client, one_line, store_errors
+from gancore.tracking.store import stored_image_steps
 
 log = logging.getLogger(__name__)
 
 OUTBOX_DIR = "tracking_outbox"
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_REQUEST = 100
-_NEVER = -(2**62)
 
 
 def outbox_dir(run_dir: str | Path) -> Path:
@@ -231,14 +228,8 @@ class Delivery:
         self.sent["metrics"] += len(batch)
 
     def _stored_image_steps(self) -> dict[str, set[int]]:
-        """Steps per image key in the store (MLflow names them images/<key, / as ~>+step+<N>+...)."""
         if self._image_steps is None:
-            found: dict[str, set[int]] = {}
-            for info in self.client.list_artifacts(self.run_id, "images"):
-                parts = Path(info.path).name.split("+")
-                if len(parts) > 2 and parts[1] == "step" and parts[2].lstrip("-").isdigit():
-                    found.setdefault(parts[0].replace("~", "/"), set()).add(int(parts[2]))
-            self._image_steps = found
+            self._image_steps = stored_image_steps(self.client, self.run_id)
         return self._image_steps
 
     def _send_image(self, rec: dict[str, Any], verify: bool) -> None:
@@ -316,65 +307,3 @@ def next_batch(queue: Any) -> list[dict[str, Any]]:
         batch.append(rec)
         n += len(rec["values"])
     return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# jobs/sync.py
-
-
-def sync_run_dir(run_dir: str | Path, uri: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> str:
-    """Deliver a run dir's tracking outbox to its MLflow run; returns the one summary line. Idempotent.
-
-    A TrackingError (one line) when the run dir has no outbox, the server cannot be reached, the run is not in
-    the store, or another process holds the outbox.
-    """
-    run_dir = Path(run_dir)
-    box = Outbox.find(run_dir)
-    if box is None:
-        why = "not a directory" if not run_dir.is_dir() else f"no {OUTBOX_DIR}/ in it"
-        raise TrackingError(
-            f"nothing to sync in {run_dir} ({why}); pass the run dir of a run that said it kept tracking data "
-            "(its outbox is <run dir>/tracking_outbox)"
-        )
-    header = box.header()
-    uri = uri or header["uri"]
-    run_id = header["run_id"]
-    box.lock()
-    try:
-        records = box.records()
-        start = box.delivered()
-        todo = records[start:]
-        if not todo:
-            return f"nothing to sync: all {len(records)} tracking records of MLflow run {run_id} are already in {uri}"
-        check_reachable(uri)
-        client = mlflow_client(uri)
-        with store_errors(uri):
-            get_run(client, run_id, uri, f"MLflow run {run_id} not found in {uri}; pass --uri with the store it was "
-                                         "logged to")
-            delivery = Delivery(client, run_id, box)
-            done = start
-            while done < len(records):
-                batch = next_batch(records[done:])
-                try:
-                    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints run URLs on set_terminated
-                        delivery.send(batch, verify=True)
-                except TrackingError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - whatever the store says becomes the one-line error
-                    raise TrackingError(
-                        f"sync of {run_dir} stopped after {done - start} of {len(todo)} records (MLflow at {uri}: "
-                        f"{one_line(e)}); run it again, it goes on from there"
-                    ) from None
-                done += len(batch)
-                box.mark_delivered(batch, done)
-                if on_progress is not None:
-                    on_progress(done - start, len(todo))
-    finally:
-        box.close()
-    s = delivery.sent
-    line = (f"synced {run_dir} to MLflow run {run_id} at {uri}: {s['metrics']} metric values, {s['image']} images, "
-            f"{s['artifact']} artifacts" + (", run status" if s["status"] else "")
-            + f"; {delivery.skipped} already there")
-    if delivery.missing:
-        line += f"; {len(delivery.missing)} files gone from disk (not sent): {', '.join(delivery.missing[:3])}"
-    return line

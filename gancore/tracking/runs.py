@@ -1,4 +1,4 @@
-"""Reading runs back for `jobs/runs.py`: an experiment's runs with key params, headline statistics and best FID;
+"""Reading runs back (for `jobs/runs.py`, and a metric's history for gancore.experiments): an experiment's runs with key params, headline statistics and best FID;
 two runs compared (`--compare A B`: the params that differ, every metric's last value side by side).
 
 Which statistics a row shows is its family's `headline` (GAN: Loss/D, Loss/G; VAE: Loss/total, Loss/recon,
@@ -57,6 +57,13 @@ def _trained(client: Any, run: Any) -> tuple[int, float] | None:
         return None
     last = max(client.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)
     return last.step, last.value
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """Every (step, value) of metric `key` in run `run_id`, by step ([] when the run has no such metric)."""
+    client, uri = existing_client(uri)
+    with store_errors(uri):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def budget(params: dict[str, str], trained: tuple[int, float] | None) -> str:

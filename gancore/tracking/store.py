@@ -1,4 +1,5 @@
-"""The MLflow store: which one (URI), is it there, a client on it, its experiments, and what a run ran with (tags).
+"""The MLflow store: which one (URI), is it there, a client on it, its experiments, opening a run to record into (new
+or resumed) with what it already holds, and what a run ran with (tags).
 
 Store selection: `track.uri`, else `$MLFLOW_TRACKING_URI`, else a SQLite database `./mlruns/mlflow.db` with artifacts
 in `./mlruns/artifacts`. The same store is what `make ui` serves and what `jobs/runs.py` lists.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import getpass
+import logging
 import os
 import re
 import socket
@@ -17,12 +19,15 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gancore.config import Config
+from gancore.config import Config, hyperparams
 from gancore.errors import TrackingError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "mlruns"  # relative to the working directory, git-ignored
 PROBE_TIMEOUT_S = 3.0  # an unreachable server must fail in seconds, not after MLflow's minutes of retries
@@ -181,13 +186,16 @@ def get_run(client: Any, run_id: str, uri: str, missing: str | None = None, pref
 
 
 def open_run_info(run_id: str, uri: str | None = None) -> dict[str, Any]:
-    """A run's id, name, status, experiment, artifact URI, run_dir, params, tags and last metric values."""
+    """A run's id, name, status, start/end time (ms; end None while running), experiment, artifact URI, run_dir,
+    params, tags and last metric values."""
     client, uri = existing_client(uri)
     run = get_run(client, run_id, uri)
     return {
         "run_id": run.info.run_id,
         "name": run.info.run_name,
         "status": run.info.status,
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
         "experiment_id": run.info.experiment_id,
         "artifact_uri": run.info.artifact_uri,
         "run_dir": run.data.tags.get("gancore.run_dir"),
@@ -195,6 +203,71 @@ def open_run_info(run_id: str, uri: str | None = None) -> dict[str, Any]:
         "tags": dict(run.data.tags),
         "metrics": dict(run.data.metrics),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run to record into: created, or reopened to resume (what it already holds is not logged twice)
+
+NEVER = -(2**62)  # "no step logged yet"
+
+
+def metric_last_steps(client: Any, run: Any) -> dict[str, int]:
+    """Last step per metric key already stored in `run` (each key's history read once)."""
+    last: dict[str, int] = {}
+    for key in run.data.metrics:
+        hist = client.get_metric_history(run.info.run_id, key)
+        if hist:
+            last[key] = max(m.step for m in hist)
+    return last
+
+
+def stored_image_steps(client: Any, run_id: str) -> dict[str, set[int]]:
+    """Steps per image key in the store (MLflow names them images/<key, / as ~>+step+<N>+...)."""
+    found: dict[str, set[int]] = {}
+    for info in client.list_artifacts(run_id, "images"):
+        parts = Path(info.path).name.split("+")
+        if len(parts) > 2 and parts[1] == "step" and parts[2].lstrip("-").isdigit():
+            found.setdefault(parts[0].replace("~", "/"), set()).add(int(parts[2]))
+    return found
+
+
+@dataclass
+class OpenedRun:
+    """A run ready to record into, and what its first records are."""
+
+    client: Any
+    run_id: str
+    params: dict[str, str]  # the hyper-parameters to log (a resumed run: only the keys it lacks; params are immutable)
+    tags: dict[str, str]  # tags to log (a new run got them from create_run: none)
+    metric_last: dict[str, int]  # metric key -> last step the store holds (empty for a new run)
+    image_last: dict[str, int]  # image key -> last step the store holds
+
+
+def open_run(uri: str, experiment: str, cfg: Config, run_dir: Path, run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> OpenedRun:
+    """Create a run of `experiment` for `cfg` (or reopen `run_id` when resuming: RUNNING again, resume count + 1)."""
+    client, experiment_id = open_store(uri, experiment)
+    all_tags = {**run_tags(cfg, run_dir), **{k: str(v) for k, v in (tags or {}).items()}}
+    params = {k: str(v) for k, v in hyperparams(cfg).items()}  # MLflow stores param values as strings
+    with store_errors(uri):
+        if run_id is None:
+            run = client.create_run(experiment_id, run_name=cfg.name, tags=all_tags)
+            return OpenedRun(client, run.info.run_id, params, {}, {}, {})
+        run = get_run(client, run_id, uri, f"cannot resume MLflow run {run_id}: not found in {uri}")
+        existing = dict(run.data.params)
+        # Read each history once so replayed steps after a crash are not logged twice.
+        metric_last = metric_last_steps(client, run)
+        image_last: dict[str, int] = {}
+        with contextlib.suppress(Exception):  # no images yet / artifact store without listing
+            image_last = {k: max(v) for k, v in stored_image_steps(client, run_id).items()}
+        all_tags["gancore.resume_count"] = str(int(run.data.tags.get("gancore.resume_count", "0")) + 1)
+        client.update_run(run_id, status="RUNNING")
+    # Params are immutable: on resume only new keys are logged (run length may legitimately change).
+    changed = sorted(k for k in params if k in existing and existing[k] != params[k])
+    if changed:
+        log.warning("resumed run keeps its original params for: %s", ", ".join(changed))
+    return OpenedRun(client, run_id, {k: v for k, v in params.items() if k not in existing}, all_tags,
+                     metric_last, image_last)
 
 
 # ----------------------------------------------------------------------------------------------------------------

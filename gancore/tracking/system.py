@@ -44,7 +44,7 @@ def dataset_entry(data: Any, x: Any, y: Any) -> dict[str, Any]:
 class SystemMetrics:
     """MLflow's own system-metrics monitors (CPU, memory, disk, network; NVIDIA/AMD GPUs when their libraries are
     installed) on a thread of ours: MLflow's SystemMetricsMonitor logs straight to the store and stops at the first
-    failed request, while a run's metrics must go through the outbox to survive an outage (issue #20)."""
+    failed request, while a run's metrics must go through the outbox to survive an outage."""
 
     def __init__(self, log_metrics: Any, first_step: int, node_id: str | None, run_id: str, uri: str) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -1,4 +1,4 @@
-"""The one training loop (shared/STYLE.md #1): setup -> resume -> loop -> done.
+"""The one training loop: setup -> resume -> loop -> done.
 
     loop { phases (GAN: D x d_iters, then G), EMA, stats, grids, snapshots, metrics, checkpoint }
 
@@ -29,7 +29,7 @@ from gancore import plots
 from gancore.config import Config, save_yaml
 from gancore.data import DeviceLoader, load_images
 from gancore.errors import NonFiniteLossError, TrackingError
-from gancore.families.base import Batch, Family
+from gancore.families.base import Batch, Family, StepContext
 from gancore.progress import Bar
 from gancore.tracking import check_reachable, make_tracker, resolve_uri
 from gancore.train import budget as budgets
@@ -143,19 +143,20 @@ def fit(cfg: Config, out: str | Path | None = None, resume: str | None = None,
         g = torch.Generator().manual_seed(cfg.train.seed + 777)
         return lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g)))
 
-    stamped = [False]  # the run's protocol tag is set (once per run)
+    stamped = False  # the run's protocol tag is set (once per run)
 
     def evaluate_metrics(should_stop: Callable[[], bool]) -> dict[str, float]:
         """Sample-quality metrics (gancore.metrics) on the main process; the best-FID checkpoint is kept.
         `should_stop()` is asked before every extractor batch: True raises metrics.EvaluationStopped."""
+        nonlocal stamped
         from gancore.metrics import evaluate, extractors, metric_key, protocol, protocol_tag
 
         with ckpt.isolated_rng():  # an extractor built or trained here draws nothing from the training's streams
             values = evaluate(cfg, sampler_uint8(), accelerator.device, metrics=cfg.eval.metrics,
                               stop=should_stop) if is_main else {}
-        if values and not stamped[0]:  # the protocol beside the numbers (gancore.metrics.protocol)
+        if values and not stamped:  # the protocol beside the numbers (gancore.metrics.protocol)
             tracker.set_tags(protocol_tag(protocol(cfg, ema=family.ema is not None)))
-            stamped[0] = True
+            stamped = True
         if values:  # the best-FID rule asks for the key it means: the run's extractor on eval.n_samples images
             fid = metric_key("fid", extractors.resolve(cfg, None, channels=image_shape[0]), cfg.eval.n_samples)
             if fid in values and values[fid] < run.best.get("value", float("inf")):
@@ -330,7 +331,7 @@ def one_step(family: Family, accelerator: Accelerator, gen_net: torch.nn.Module,
              report_stats: Callable[[dict], None], autocast: Any = None) -> None:
     """One training step: the family's phases, then the generator EMA. `draw()` gives the next real batch,
     `report_stats(stats)` takes each phase's statistics (0-d tensors, aggregated on the device)."""
-    batch, ctx = None, {}  # ctx: what this step's phases hand each other (families/base.py StepContext)
+    batch, ctx = None, StepContext()  # what this step's phases hand each other
     # -- the phases: GAN: D x d_iters (a fresh real batch each), then G (on the last batch); VAE/diffusion: one
     for phase in family.phases:
         opt = family.optimizers[phase.optimizer]

@@ -1,4 +1,4 @@
-"""Statistics reported from anywhere, aggregated on the device, read in one host sync (shared/STYLE.md #6)."""
+"""Statistics reported from anywhere, aggregated on the device, read in one host sync."""
 
 from __future__ import annotations
 
