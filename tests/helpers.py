@@ -8,6 +8,8 @@ clean up, instead of pytest-timeout's bare stack dump.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -47,10 +49,21 @@ def _failure(what: str, why: str, out: str | bytes | Path | None = None) -> Asse
     return AssertionError(f"{what}: {why}" + (f"\n--- output (last {TAIL} characters) ---\n{text}" if text else ""))
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`, with its process group when it leads one (start_new_session=True: a sweep and its workers)."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+    except ProcessLookupError:  # gone (its group too)
+        return
+    proc.kill()
+
+
 def _drain(proc: subprocess.Popen) -> str:
     """Kill `proc` if it still runs and return what its pipes held (stdout, then stderr)."""
     if proc.poll() is None:
-        proc.kill()
+        _kill(proc)
     try:
         out, err = proc.communicate(timeout=10)
     except (subprocess.TimeoutExpired, ValueError):  # a grandchild holds the pipe open / a pipe already read
@@ -89,8 +102,9 @@ def wait_exit(proc: subprocess.Popen, *, timeout: float, what: str, log: Path | 
 
 
 def stop(proc: subprocess.Popen, grace: float = 10) -> None:
-    """End a child the test started (teardown): SIGTERM, then SIGKILL after `grace` s (0: SIGKILL at once)."""
-    if proc.poll() is not None:
+    """End a child the test started (teardown): SIGTERM, then SIGKILL after `grace` s (0: SIGKILL at once); the
+    SIGKILL takes the child's process group with it when it leads one (start_new_session=True: a sweep's workers)."""
+    if proc.poll() is not None:  # reaped: its pid may belong to someone else by now, so nothing is signalled
         return
     if grace > 0:
         proc.terminate()
@@ -99,7 +113,7 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
-    proc.kill()
+    _kill(proc)
     proc.wait(timeout=10)  # SIGKILL cannot be caught: only an uninterruptible kernel wait outlasts this
 
 

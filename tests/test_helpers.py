@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,26 @@ def test_run_and_finish_fail_at_their_deadline_with_the_output_so_far():
     with pytest.raises(AssertionError, match=r"(?s)^the sleeper: still running, after 1 s.*hello from the child"):
         helpers.finish(proc, timeout=1, what="the sleeper")
     assert proc.poll() == -9
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: dead
+    except FileNotFoundError:
+        return True
+
+
+def test_a_failed_wait_kills_a_group_leaders_whole_group():
+    """A child in its own session (a sweep and its workers): the wait that gives up kills its grandchildren too."""
+    code = ("import subprocess, sys; g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "print(g.pid, flush=True); g.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    grandchild = int(helpers.readline(proc, timeout=60, what="the grandchild's pid"))
+    with pytest.raises(AssertionError, match=r"^the group: still running, after 0.5 s"):
+        helpers.finish(proc, timeout=0.5, what="the group")
+    assert proc.poll() == -9
+    helpers.wait_for(lambda: _gone(grandchild), timeout=30, what=f"grandchild {grandchild} gone")
 
 
 def test_join_fails_at_its_deadline():

@@ -2,7 +2,6 @@
 job array: tests/test_slurm.py), MLflow parent and child runs, kill + resume without lost or duplicated trials, pruning, diverged trials,
 unreachable storage."""
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -58,6 +57,7 @@ def sweep_file(tmp_path: Path, study: str = "tiny", n_trials: int = 4, steps: in
 
 def cli(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    kw.setdefault("start_new_session", True)  # its own process group: a failed wait kills its workers with it
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -186,14 +186,14 @@ def test_sweep_runs_in_parallel_survives_a_kill_and_resumes_without_lost_or_dupl
     assert len({x.user_attrs["gancore.worker"] for x in first}) == 2  # two worker processes
 
     # extend the budget to 4, then kill everything (SIGKILL, as a crash) once a new trial has a checkpoint
-    p = cli(str(path), "--workers", "2", cwd=tmp_path, start_new_session=True)
+    p = cli(str(path), "--workers", "2", cwd=tmp_path)
     try:
         helpers.wait_for(lambda: [x for x in trials(sweep) if x.state.name == "RUNNING" and "gancore.run_dir" in
                                   x.user_attrs and (Path(x.user_attrs["gancore.run_dir"]) / "checkpoints" /
                                                     "step_00000002.pt").exists()],
                          timeout=300, what="a running trial with its first checkpoint (step 2)", proc=p, interval=0.5)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the group is gone when the sweep ended first
+        if p.poll() is None:  # (not once it has ended and been reaped: its pid may be another's by then)
             os.killpg(p.pid, signal.SIGKILL)
         helpers.finish(p, timeout=30, what="the killed sweep")
     killed = {x.number for x in trials(sweep) if x.state.name == "RUNNING"}

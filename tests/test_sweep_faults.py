@@ -53,8 +53,9 @@ def sweep_file(tmp_path: Path, study: str, n_trials: int, storage: dict | None =
 
 def popen(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    # its own process group: a failed wait kills a coordinator's workers with it (tests/helpers.py)
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def trials(sweep) -> list:

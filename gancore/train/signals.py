@@ -40,9 +40,11 @@ class StopFlag:
 
     def __init__(self, accelerator: Any = None) -> None:
         self.signal: int | None = None
-        # test hook (tests/test_slurm.py): a one-process run waits at this step until a stop signal arrives (at
-        # most HOLD_S), so a test can preempt a job that is certainly mid-run without racing it to its end.
+        # test hook (tests/test_slurm.py, test_faults.py, test_tracking_outage.py): a one-process run waits at this
+        # step until a stop signal arrives or the file GANCORE_TEST_HOLD_RELEASE names exists (at most HOLD_S), so a
+        # test can act on a run that is certainly mid-run without racing it to its end, however fast the machine.
         self.hold_at = int(os.environ.get("GANCORE_TEST_HOLD_AT_STEP") or 0)
+        self.release = os.environ.get("GANCORE_TEST_HOLD_RELEASE") or None
         self._old: dict[int, Any] = {}
         self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
 
@@ -102,7 +104,7 @@ class StopFlag:
 
     def _hold(self) -> None:
         end = time.monotonic() + self.HOLD_S
-        while self.signal is None and time.monotonic() < end:
+        while self.signal is None and time.monotonic() < end and not (self.release and os.path.exists(self.release)):
             time.sleep(0.05)
 
     def restore(self) -> None:
