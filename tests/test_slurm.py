@@ -407,7 +407,8 @@ def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
     # once the batch step (train.sh) has ended, nothing can requeue the job any more: a `scontrol requeue` from it
     # would have made the job pending again and added a run to sacct -D
     helpers.wait_for(lambda: any(i == f"{jid}.batch" and st in TERMINAL for i, st in _sacct_states(jid)),
-                     timeout=120, interval=1, what=lambda: f"job {jid}'s batch step ending (sacct: {_sacct_states(jid)})")
+                     timeout=120, interval=1,
+                     what=lambda: f"job {jid}'s batch step ending (sacct: {_sacct_states(jid)})")
     assert state(jid) == "CANCELLED" and runs_of(jid) == ["CANCELLED"]
     assert "requeueing" not in (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
 
@@ -419,12 +420,18 @@ def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
 
 def _sweep_in_thread(sweep) -> tuple[threading.Thread, dict]:
     """run_sweep(sweep, workers=2, launcher="slurm") in a thread (its waits on the array have no deadline of their
-    own); the result dict gets its exit code."""
+    own); the result dict gets its exit code, or the error it raised."""
     from gancore import sweep as sw
 
     result: dict = {}
-    coordinator = threading.Thread(target=lambda: result.update(code=sw.run_sweep(sweep, workers=2, launcher="slurm")),
-                                   daemon=True)
+
+    def coordinate() -> None:
+        try:
+            result["code"] = sw.run_sweep(sweep, workers=2, launcher="slurm")
+        except BaseException as e:  # shown by the test's assert
+            result["error"] = repr(e)
+
+    coordinator = threading.Thread(target=coordinate, daemon=True)
     coordinator.start()
     return coordinator, result
 
@@ -444,7 +451,7 @@ def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path, sweep_a
     sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
     coordinator, result = _sweep_in_thread(sweep)
     helpers.join(coordinator, timeout=WAIT_S, what=lambda: f"the sweep on Slurm array(s) {sweep_arrays}")
-    assert result["code"] == 0
+    assert result == {"code": 0}, result
     t = trials(sweep)
     assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
     client = MlflowClient(sweep.base.track.uri)
@@ -493,7 +500,7 @@ def test_a_killed_slurm_array_worker_loses_no_trial(tmp_path, sweep_arrays):
     os.kill(pid, signal.SIGKILL)
     helpers.join(coordinator, timeout=WAIT_S, what=lambda: f"the sweep after its worker {pid} was killed (arrays "
                  f"{sweep_arrays})")
-    assert result["code"] == 0
+    assert result == {"code": 0}, result
     t = trials(sweep)
     states = [x.state.name for x in t]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1, states
