@@ -8,8 +8,10 @@ never half of it. A write that fails removes its temp file and leaves the old fi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +19,20 @@ from typing import IO, Any
 def cache_dir() -> Path:
     """Decoded datasets, domain extractors, real-data statistics: $GANCORE_CACHE, else ~/.cache/gancore."""
     return Path(os.environ.get("GANCORE_CACHE") or Path.home() / ".cache" / "gancore")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) between processes on this machine, e.g. so that two
+    test workers needing the same cached extractor train it once: the second waits, then finds the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def data_root(root: str | None) -> Path:

@@ -278,7 +278,8 @@ def test_compiled_training_tracks_eager_fp32_cpu(tmp_path, dynamo):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: the captured step (skipped with a reason on CPU machines)
+# GPU: the captured step (skipped with a reason on CPU machines; its capture, replay and fallback logic also runs on
+# the CPU against fakes of the CUDA graph API: tests/test_fast_path_fakes.py)
 
 
 @needs_mnist

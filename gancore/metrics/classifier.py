@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from gancore.config import DataConfig
 from gancore.data import load_images
-from gancore.io import atomic_write, cache_dir
+from gancore.io import atomic_write, cache_dir, file_lock
 from gancore.errors import MetricsError
 from gancore.progress import Bar
 from gancore.metrics.nets import CifarNet, LeNet
@@ -98,11 +98,14 @@ def load_classifier(name: str, path: str | Path | None = None, device: torch.dev
 def ensure_classifier(name: str, device: torch.device | str = "cpu") -> Path:
     """The default weights file of `name`, trained now (once, announced on one line) when missing."""
     p = extractor_path(name)
-    if not p.is_file():
-        spec = domain_spec(name)
-        print(f"metrics: domain extractor {name} not found at {p}; training it on {spec.dataset} now (once)",
-              file=sys.stderr)
-        train_classifier(name, out=p, device=device)
+    if p.is_file():
+        return p
+    with file_lock(p.with_name(f".{p.name}.lock")):  # concurrent processes (test workers, trials) train it once
+        if not p.is_file():  # another process may have trained it while this one waited
+            spec = domain_spec(name)
+            print(f"metrics: domain extractor {name} not found at {p}; training it on {spec.dataset} now (once)",
+                  file=sys.stderr)
+            train_classifier(name, out=p, device=device)
     return p
 
 
