@@ -203,7 +203,7 @@ def test_server_away_for_seconds_run_trains_on_and_mlflow_has_everything(server,
 
 _KILLED = textwrap.dedent(
     """
-    import sys, time
+    import select, sys, time
     from pathlib import Path
     import numpy as np
     from gancore.config import load_config
@@ -214,6 +214,7 @@ _KILLED = textwrap.dedent(
     tr.log_metrics({"x": 1.0}, 1)
     tr.flush()
     print("sent", flush=True)
+    assert select.select([sys.stdin], [], [], 240)[0], "no go from the test within 240 s"
     sys.stdin.readline()  # the test stops the server, then says go
     for step in range(2, 21):
         tr.log_metrics({"x": float(step), "y": -step}, step)
