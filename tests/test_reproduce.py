@@ -174,7 +174,7 @@ def test_an_interrupted_suite_continues_where_it_stopped(tmp_path):
             log.read_text()[-3000:]
     finally:
         helpers.stop(proc, grace=0)
-    assert ckpt.load(ckpt.latest(plans[0].run_dir))["step"] == 7  # stopped where it was held
+    assert 4 < ckpt.load(ckpt.latest(plans[0].run_dir))["step"] <= 7  # stopped after the checkpoint, by the hold
     assert rp.finished_run(plans[0]) is None and not rp.finished_run(plans[1])
     first_run = ckpt.load(ckpt.latest(plans[0].run_dir))["run_id"]
 
