@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -202,8 +203,9 @@ def test_concurrent_workers_share_a_fresh_store(tmp_path, monkeypatch):
         helpers.wait_for(lambda: all((store / f"ready{i}").exists() for i in range(4)), timeout=180,
                          what="4 workers ready (ready0..3)", proc=procs)
         (store / "go").touch()
+        end = time.monotonic() + 200  # all four, together: a hang guard (they race on one SQLite file)
         for i, p in enumerate(procs):
-            _, err = helpers.finish(p, timeout=60, what=f"worker {i}")
+            _, err = helpers.finish(p, timeout=end - time.monotonic(), what=f"worker {i}")
             assert p.returncode == 0, err
     finally:
         for p in procs:
