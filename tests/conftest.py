@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers (pytest-xdist): one core each, children too
@@ -63,13 +66,17 @@ needs_inception = pytest.mark.needs("inception")
 may_skip = pytest.mark.may_skip  # the only skip CI accepts: no CUDA GPU
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "needs(resource): skipped without mnist / cifar / pg / inception; failed "
-                            "instead in CI")
-    config.addinivalue_line("markers", "may_skip: a skip CI accepts (no GPU)")
+def _pytest_timeout(item) -> float:
+    """The test's pytest-timeout in seconds (its `timeout` marker, else --timeout, else pyproject's; 0: none)."""
+    mark = item.get_closest_marker("timeout")
+    if mark is not None:
+        return float(mark.kwargs.get("timeout", mark.args[0] if mark.args else 0) or 0)
+    return float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
 
 
 def pytest_runtest_setup(item):
+    limit = _pytest_timeout(item)  # pytest-timeout's clock started just before setup (func_only is false)
+    helpers._test_deadline = time.monotonic() + limit - helpers.MARGIN_S if limit else None
     for mark in item.iter_markers("needs"):
         present, why, switch = _NEEDS[mark.args[0]]
         if not present():
@@ -145,19 +152,14 @@ def launch_ranks(args: list[str], log_dir: Path, world: int = 2, env: dict[str, 
 
 
 def wait_ranks(procs: list, log_dir: Path, timeout: float = 240) -> list[int]:
-    """Every rank's exit code (the logs in the assertion message when one does not end in time)."""
-    import subprocess
-
-    codes = []
-    for rank, p in enumerate(procs):
-        try:
-            codes.append(p.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            logs = "\n".join((log_dir / f"rank{r}.log").read_text()[-2000:] for r in range(len(procs)))
-            raise AssertionError(f"rank {rank} still running after {timeout} s:\n{logs}")
-    return codes
+    """Every rank's exit code, all within `timeout` s (else every rank is killed and the logs are in the message)."""
+    end, logs = time.monotonic() + timeout, [log_dir / f"rank{r}.log" for r in range(len(procs))]
+    try:
+        return [helpers.wait_exit(p, timeout=end - time.monotonic(), what=f"rank {rank} of {len(procs)}", log=logs)
+                for rank, p in enumerate(procs)]
+    finally:
+        for p in procs:
+            helpers.stop(p, grace=0)
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import helpers
 import pytest
 
 from conftest import ROOT, needs_mnist, tiny
@@ -58,17 +59,15 @@ def mlflow_ui(tmp_path):
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: teardown stops the server and its workers
         started["proc"], started["log"] = proc, log
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{yield_value['base']}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "mlflow_ui.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow ui not healthy after 60 s"
-            time.sleep(0.5)
+        helpers.wait_for(healthy, timeout=60, what=f"mlflow ui answering {yield_value['base']}/health", proc=proc,
+                         log=tmp_path / "mlflow_ui.log", interval=0.5)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{yield_value['base']}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     yield_value["start"] = start
     yield yield_value
@@ -79,7 +78,7 @@ def mlflow_ui(tmp_path):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            helpers.wait_exit(proc, timeout=15, what="mlflow ui after SIGKILL", log=tmp_path / "mlflow_ui.log")
         started["log"].close()
 
 
@@ -112,7 +111,8 @@ def _wait_text(driver, *texts: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(lambda d: all(t in _body(d) for t in texts))
+        WebDriverWait(driver, helpers.budget(WAIT_S)[0], poll_frequency=0.25).until(
+            lambda d: all(t in _body(d) for t in texts))
     except TimeoutException:
         body = _body(driver)
         missing = [t for t in texts if t not in body]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import helpers
+
 from gancore.io import file_lock
 from gancore.metrics import classifier
 
@@ -23,13 +25,13 @@ def test_a_waiting_process_finds_the_extractor_instead_of_training_it_again(monk
     assert not p.exists()
     got = []
     with file_lock(p.with_name(f".{p.name}.lock")):  # "another process" is training it
-        t = threading.Thread(target=lambda: got.append(classifier.ensure_classifier("lenet_mnist")))
+        t = threading.Thread(target=lambda: got.append(classifier.ensure_classifier("lenet_mnist")), daemon=True)
         t.start()
         t.join(timeout=1.0)
         assert t.is_alive(), "ensure_classifier did not wait for the lock"
         p.write_bytes(b"weights")  # the other process's result lands
-    t.join(timeout=30)
-    assert not t.is_alive() and got == [p]
+    helpers.join(t, timeout=30, what="ensure_classifier once the lock is released")
+    assert got == [p]
     assert calls == []  # found, not trained again
 
 

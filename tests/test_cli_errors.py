@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import helpers
 import pytest
 from conftest import needs_mnist
 
@@ -212,7 +213,7 @@ def _env() -> dict[str, str]:
 def _run(argv: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
     script = str(ROOT / argv[0])
     cmd = ["bash", script, *argv[1:]] if script.endswith(".sh") else [sys.executable, script, *argv[1:]]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    return helpers.run(cmd, cwd=cwd, env=_env(), timeout=timeout, what=" ".join(argv))
 
 
 @pytest.mark.parametrize("setup,argv,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -1,7 +1,7 @@
-import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from gancore.config import Config, flat, load_config, replace, resume_differences, to_dict
@@ -90,8 +90,9 @@ def test_every_preset_loads(preset):
 
 
 def test_cli_unknown_key_exits_2_with_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "mnist_dcgan.yaml"),
-                        "bogus.key=1"], capture_output=True, text=True, timeout=120)
+    r = helpers.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
+                     str(ROOT / "configs" / "mnist_dcgan.yaml"), "bogus.key=1"], timeout=120,
+                    what="train.py bogus.key=1")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "bogus.key" in r.stderr
 

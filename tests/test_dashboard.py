@@ -7,11 +7,11 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import helpers
 import optuna
 import pytest
 from conftest import ROOT, needs_mnist
@@ -50,23 +50,19 @@ class Dashboard:
                                       stderr=subprocess.STDOUT, text=True)
 
     def __enter__(self) -> Dashboard:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.p.poll() is None, f"dashboard exited {self.p.returncode}: {self.log.read_text()[-2000:]}"
-            try:
-                get(self.port, "/api/meta")
-                return self
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        raise AssertionError(f"dashboard not up after 60 s: {self.log.read_text()[-2000:]}")
+        helpers.wait_for(self._answers, timeout=60, what=f"the dashboard answering on port {self.port}", proc=self.p,
+                         log=self.log, interval=0.2)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            get(self.port, "/api/meta")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
 
     def __exit__(self, *exc) -> None:
-        self.p.terminate()
-        try:
-            self.p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait(timeout=10)
+        helpers.stop(self.p)
 
     def study(self, name: str) -> dict:
         """The study's detail (trials included) as the dashboard serves it, found by name in /api/studies."""
@@ -153,7 +149,7 @@ def test_dashboard_reads_a_journal_storage(tmp_path):
 def test_dashboard_without_a_study_is_one_line_exit_2_and_creates_nothing(tmp_path):
     path = sweep_file(tmp_path, study="nostudy")
     db = tmp_path / "sweeps" / "nostudy" / "optuna.db"
-    p = subprocess.run(dashboard_cmd(path, free_port()), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = helpers.run(dashboard_cmd(path, free_port()), cwd=tmp_path, timeout=120, what="the dashboard without a study")
     assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
     assert p.stderr.strip().splitlines() == [(f"error: no study storage at {db} (study 'nostudy'); run the "
                                              f"sweep first (`python jobs/sweep.py {path}`) or give its storage with "
@@ -163,8 +159,8 @@ def test_dashboard_without_a_study_is_one_line_exit_2_and_creates_nothing(tmp_pa
     # a storage that exists but holds another study: Optuna's storage is opened, the study is not created
     other = tmp_path / "other.db"
     optuna.create_study(study_name="else", storage=f"sqlite:///{other}")
-    p = subprocess.run(dashboard_cmd(path, free_port(), "--storage", f"sqlite:///{other}"), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    p = helpers.run(dashboard_cmd(path, free_port(), "--storage", f"sqlite:///{other}"), cwd=tmp_path, timeout=120,
+                    what="the dashboard on another study's storage")
     assert p.returncode == 2 and p.stderr.startswith("error: no study 'nostudy' in sqlite:///"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert optuna.get_all_study_names(f"sqlite:///{other}") == ["else"]
@@ -178,7 +174,7 @@ def test_dashboard_on_a_busy_port_is_one_line_exit_2(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = subprocess.run(dashboard_cmd(path, port), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        p = helpers.run(dashboard_cmd(path, port), cwd=tmp_path, timeout=120, what="the dashboard on a busy port")
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [(f"error: cannot listen on 127.0.0.1:{port} (Address already in "
                                              "use); pick another port with PORT=... (make) or --port")]
@@ -189,6 +185,6 @@ def test_dashboard_on_a_busy_port_is_one_line_exit_2(tmp_path):
     (["--dashboard", "--port", "0"], "expected a positive integer, got '0'"),
 ])
 def test_dashboard_flags_are_checked(tmp_path, args, message):
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(sweep_file(tmp_path)), *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(sweep_file(tmp_path)), *args], cwd=tmp_path,
+                    timeout=120, what=f"sweep.py {' '.join(args)}")
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

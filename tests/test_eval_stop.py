@@ -5,11 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import helpers
 import pytest
 import torch
 
+from gancore.config import load_config
 from gancore.metrics import fidelity
 from gancore.train import state as ckpt
 from gancore.train.loop import fit
@@ -89,23 +90,24 @@ def test_sigterm_during_a_long_final_evaluation_exits_75_and_resume_evaluates(tm
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            "data.subset=64", "optim.batch_size=32", "train.epochs=2", "train.progress=false", "track.enabled=false",
            "eval.every=0", "eval.extractor=lenet_mnist", "eval.metrics=[fid]", "--out", str(out)]
+    # the folder the real statistics are cached in (this test's own $GANCORE_CACHE, which the child inherits)
+    stats = fidelity.stats_path(load_config(None, []), "", "", torch.zeros(0, dtype=torch.uint8)).parent
     proc = subprocess.Popen([*cmd, "eval.n_samples=1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     final = out / "checkpoints" / "step_00000004.pt"
-    end = time.monotonic() + 240
-    while not final.is_file() and proc.poll() is None and time.monotonic() < end:
-        time.sleep(0.2)
-    assert final.is_file(), proc.communicate(timeout=60)
-    time.sleep(2)  # well inside the evaluation (the real statistics, then 4000 generated batches)
-    proc.send_signal(signal.SIGTERM)
-    try:  # a hang guard, not a timing assertion: without the stop check this evaluation runs for hours
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("SIGTERM did not end the evaluation")
+    try:
+        helpers.wait_for(final.is_file, timeout=240, what=f"the final checkpoint {final.name}", proc=proc, interval=0.2)
+        # well inside the evaluation: its real statistics are cached, 4000 generated batches (hours) are under way
+        helpers.wait_for(lambda: any(stats.glob("*.npz")), timeout=240, what=f"the real statistics in {stats}",
+                         proc=proc, interval=0.2)
+        proc.send_signal(signal.SIGTERM)
+        # a hang guard, not a timing assertion: without the stop check this evaluation runs for hours
+        stdout, stderr = helpers.finish(proc, timeout=120, what="the evaluation after SIGTERM")
+    finally:
+        helpers.stop(proc, grace=0)
     assert proc.returncode == 75, stderr
     assert "stopped at step 4/4" in stdout and "--resume auto" in stdout
     assert ckpt.load(final)["eval_pending"] is True
-    p = subprocess.run([*cmd, "eval.n_samples=200", "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    p = helpers.run([*cmd, "eval.n_samples=200", "--resume", "auto"], timeout=240, what="the resume that evaluates")
     assert p.returncode == 0, p.stderr
     assert "done: 4 steps" in p.stdout and "fid_lenet_200 = " in p.stdout
     assert ckpt.load(final)["eval_pending"] is False

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from conftest import ROOT, needs_mnist, state_diffs
@@ -64,15 +65,6 @@ def reference(tmp_path_factory):
 # kill -9
 
 
-def _wait(proc: subprocess.Popen, until, what: str, log: Path, timeout: float = 240) -> None:
-    """Poll (every 2 ms) until `until()` holds, while the process lives."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert proc.poll() is None, f"training exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.002)
-
-
 def _step(p: Path | None) -> int:
     return int(p.name[5:13]) if p is not None else 0
 
@@ -82,15 +74,14 @@ def _killed_session(cmd: list[str], env: dict, log: Path, until, what: str, extr
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait(proc, until, what, log)
+        helpers.wait_for(until, timeout=240, what=f"the moment of the '{what}' kill", proc=proc, log=log,
+                         interval=0.002)
         time.sleep(extra)
         assert proc.poll() is None, f"training finished before the '{what}' kill:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert helpers.wait_exit(proc, timeout=30, what="the killed training", log=log) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        helpers.stop(proc, grace=0)
 
 
 def _metric_steps(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -102,6 +93,28 @@ def _image_steps(client, run_id: str) -> list[tuple[str, int]]:
     """(key, step) of every logged image (MLflow names them images/<key>+step+<N>+timestamp+...png)."""
     names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
     return sorted((n.split("+")[0], int(n.split("+")[2])) for n in names if n.endswith(".png"))
+
+
+def test_the_hold_test_hook_waits_at_its_step_until_released(tmp_path, monkeypatch):
+    """GANCORE_TEST_HOLD_AT_STEP (what the kills below and test_tracking_outage.py rely on): a run asks the stop flag
+    at every step; at the held step the call returns only once the release file exists (or a stop signal came), and
+    the release is not a stop."""
+    import threading
+
+    from gancore.train.signals import StopFlag
+
+    release = tmp_path / "release"
+    monkeypatch.setenv("GANCORE_TEST_HOLD_AT_STEP", "3")
+    monkeypatch.setenv("GANCORE_TEST_HOLD_RELEASE", str(release))
+    flag, answers = StopFlag(), []
+    assert [flag.requested(s) for s in (1, 2)] == [False, False]  # not held before its step
+    held = threading.Thread(target=lambda: answers.append(flag.requested(3)), daemon=True)
+    held.start()
+    held.join(0.5)
+    assert held.is_alive() and answers == []  # still waiting at step 3
+    release.touch()
+    helpers.join(held, timeout=30, what="the held step after the release")
+    assert answers == [False] and flag.requested(4) is False
 
 
 @pytest.mark.timeout(900)  # six killed sessions and a last one: about a minute on 2 idle cores, 5 on a loaded one
@@ -120,32 +133,57 @@ def test_kill_9_at_any_moment_loses_nothing(tmp_path, reference):
     def writing(step: int):  # checkpoint `step` is being written (its temp file) or has just been written
         return lambda: any(ckpt_dir.glob(f".step_{step:08d}.pt.*.tmp")) or ckpt.step_path(run_dir, step).exists()
 
-    def after(start: float, seconds: float):
-        return lambda: time.monotonic() - start >= seconds
+    def startup(last: int):  # a random moment of the start-up (or the MLflow run's creation, if that comes first)
+        start, seconds = time.monotonic(), rng.uniform(0.3, 2.0)
+        return 1, lambda: time.monotonic() - start >= seconds or created.exists()
 
     # the evaluation of step `evaluated` (LeNet FID/KID/IS on 200 samples) is under way once that step's sample grid
     # is written (track.image_every = eval.every) and until its checkpoint is: no earlier session got that far
     evaluated = rng.choice([10, 20])
     grid = RunDir(run_dir).sample_grid(evaluated)
-    # (what, condition to kill at, seconds to wait after it holds); conditions are built when the session starts
+
+    def checkpoint_write(last: int):
+        step = last + rng.choice([5, 10])
+        return step + 1, writing(step)
+
+    def between(last: int):  # once the next checkpoint is written, held a few steps before the one after it
+        return last + 5 + rng.randint(1, 4), ckpt.step_path(run_dir, last + 5).exists
+
+    # (what, session(newest checkpoint's step) -> (the step the session is held at, condition to kill at)). Held:
+    # GANCORE_TEST_HOLD_AT_STEP (gancore/train/signals.py) makes the run wait at that step (for a stop signal that
+    # never comes), so however fast this machine it cannot run past it before the kill. The last kill needs no hold:
+    # the end-of-run evaluation and report come after the last checkpoint.
     kills = [
-        ("start-up", lambda at: lambda: after(at, rng.uniform(0.3, 2.0))() or created.exists(), 0.0),
-        ("MLflow run created, no checkpoint yet", lambda at: created.exists, 0.0),
-        ("during an evaluation", lambda at: grid.exists, rng.uniform(0.0, 0.03)),
-        ("checkpoint write", lambda at: writing(_step(ckpt.latest(run_dir)) + rng.choice([5, 10])), 0.0),
-        ("between checkpoints", lambda at: writing(_step(ckpt.latest(run_dir)) + 10), rng.uniform(0.02, 0.2)),
-        ("end-of-run report, after the last checkpoint", lambda at: ckpt.step_path(run_dir, STEPS).exists, 0.0),
+        ("start-up", startup),
+        ("MLflow run created, no checkpoint yet", lambda last: (1, created.exists)),
+        ("during an evaluation", lambda last: (evaluated + 1, grid.exists)),
+        ("checkpoint write", checkpoint_write),
+        ("between checkpoints", between),
+        ("end-of-run report, after the last checkpoint", lambda last: (0, ckpt.step_path(run_dir, STEPS).exists)),
     ]
     seen = []
-    for i, (what, condition, extra) in enumerate(kills):
+    for i, (what, session) in enumerate(kills):
+        log = tmp_path / f"session{i}.log"
         before = _step(ckpt.latest(run_dir))
-        _killed_session(cmd, env, tmp_path / f"session{i}.log", condition(time.monotonic()), what, extra)
+        hold, until = session(before)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**env, "GANCORE_TEST_HOLD_AT_STEP": str(hold)})
+        try:
+            helpers.wait_for(until, timeout=120, what=f"the moment of the '{what}' kill", proc=proc, log=log,
+                             interval=0.002)
+            assert proc.poll() is None, f"training finished before the '{what}' kill:\n{log.read_text()[-3000:]}"
+            proc.send_signal(signal.SIGKILL)
+            assert helpers.wait_exit(proc, timeout=30, what="the killed training", log=log) == -signal.SIGKILL
+        finally:
+            helpers.stop(proc, grace=0)
         seen.append((what, before, _step(ckpt.latest(run_dir))))
     assert seen[0][2] == 0 and seen[1][2] == 0, seen  # the first two kills came before any checkpoint
     assert seen[2][2] == evaluated - 5, seen  # killed after the step's grid, before its checkpoint: in its evaluation
+    assert seen[4][2] == seen[4][1] + 5, seen  # between checkpoints: the next one written, not the one after
     assert seen[-1][2] == STEPS, seen
 
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    p = helpers.run(cmd, env=env, timeout=240, what="the resume after the kills")
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"done: {STEPS} steps" in p.stdout
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from conftest import ROOT, needs_mnist
@@ -26,12 +27,7 @@ SUBMIT = [sys.executable, str(ROOT / "jobs" / "submit.py")]
 
 def _finished(job, timeout: float = 240):
     """job.result() once the job is done; submitit's own wait has no deadline, so a stuck job would hang the test."""
-    import time
-
-    end = time.monotonic() + timeout
-    while not job.done():
-        assert time.monotonic() < end, f"job {job.job_id} not done after {timeout:.0f} s"
-        time.sleep(0.5)
+    helpers.wait_for(job.done, timeout=timeout, what=f"local job {job.job_id} done", interval=0.5)
     return job.result()
 
 
@@ -161,9 +157,9 @@ def test_sbatch_headers_mirror_the_resource_defaults(script):
 
 @needs_mnist
 def test_submit_cli_local_wait(tmp_path):
-    p = subprocess.run([*SUBMIT, "--cluster", "local", "--config", CONFIG, *TINY, "track.enabled=false",
-                        "--set", "optim.lr_g=1e-4", "--set", "optim.lr_g=3e-4", "--time", "20", "--wait", "--poll", "1"],
-                       capture_output=True, text=True, timeout=240)  # below the per-test timeout (pyproject)
+    p = helpers.run([*SUBMIT, "--cluster", "local", "--config", CONFIG, *TINY, "track.enabled=false",
+                     "--set", "optim.lr_g=1e-4", "--set", "optim.lr_g=3e-4", "--time", "20", "--wait", "--poll", "1"],
+                    timeout=240, what="submit.py --cluster local --wait")
     assert p.returncode == 0, p.stdout + p.stderr
     submitted = [ln for ln in p.stdout.splitlines() if ln.startswith("submitted ")]
     assert len(submitted) == 2 and all(" log logs/submitit/" in ln for ln in submitted)
@@ -176,7 +172,7 @@ def _cli_error(*args: str, env_path: str | None = None) -> subprocess.CompletedP
     import os
 
     env = {**os.environ, **({"PATH": env_path} if env_path is not None else {})}
-    return subprocess.run([*SUBMIT, *args], capture_output=True, text=True, timeout=300, env=env)
+    return helpers.run([*SUBMIT, *args], timeout=240, env=env, what=f"submit.py {' '.join(args)}")
 
 
 def test_submit_cli_without_slurm_is_one_line_exit_2(tmp_path):

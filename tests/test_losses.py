@@ -2,6 +2,7 @@
 
 import math
 
+import helpers
 import pytest
 import torch
 from torch import nn
@@ -263,6 +264,5 @@ def test_train_help_lists_the_registered_losses():
     from conftest import ROOT
     from gancore.registry import LOSSES
 
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], capture_output=True, text=True,
-                       timeout=120)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], timeout=120, what="train.py --help")
     assert p.returncode == 0 and f"  loss.name: {', '.join(LOSSES.names())}\n" in p.stdout, p.stdout

@@ -2,10 +2,10 @@
 -> train with configs/folder.yaml at 32 and 64 pixels -> the runs table -> generate -> eval."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
+import helpers
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -33,7 +33,7 @@ def _photos(d):
 
 
 def _run(args, cwd, env):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    p = helpers.run([sys.executable, *map(str, args)], cwd=cwd, env=env, timeout=600, what=" ".join(map(str, args)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 

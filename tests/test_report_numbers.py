@@ -1,8 +1,8 @@
 """Numbers with their scale: a degenerate IS (at its floor of 1.0) is flagged in the end-of-run block."""
 
-import subprocess
 import sys
 
+import helpers
 import pytest
 
 from gancore.metrics import degenerate
@@ -20,11 +20,11 @@ def test_degenerate_is_rule():
 def test_end_of_run_block_flags_an_is_at_its_floor(tmp_path):
     """A generator that has not learnt (one step at a learning rate of 1e-12: the DCGAN init's near-uniform grey
     images) gets the same class mix for every image from the classifier: IS ~1.0, flagged on its line."""
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                        "data.subset=64", "optim.batch_size=32", "train.max_steps=1", "optim.lr_g=1e-12",
-                        "train.progress=false", "track.enabled=false", "eval.every=0", "eval.n_samples=500",
-                        "eval.metrics=[fid,is]", "--out", str(tmp_path / "r")], capture_output=True, text=True,
-                       timeout=300)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                     "data.subset=64", "optim.batch_size=32", "train.max_steps=1", "optim.lr_g=1e-12",
+                     "train.progress=false", "track.enabled=false", "eval.every=0", "eval.n_samples=500",
+                     "eval.metrics=[fid,is]", "--out", str(tmp_path / "r")], timeout=300,
+                    what="train.py with FID and IS on 500 samples")
     assert p.returncode == 0, p.stderr
     (line,) = [x for x in p.stdout.splitlines() if x.strip().startswith("is_lenet_500 = ")]
     value = float(line.split("=")[1].split()[0])

@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import helpers
 import pytest
 from conftest import ROOT, needs_inception, needs_mnist
 
@@ -154,25 +154,31 @@ def test_an_interrupted_suite_continues_where_it_stopped(tmp_path):
     cmd = [sys.executable, str(ROOT / "jobs" / "reproduce.py"), "mnist", "--epochs", "3", "--n-samples", "200",
            "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), *SMALL, f"track.uri={uri}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, timeout=240, env=env)
+    dry = helpers.run([*cmd, "--dry-run"], timeout=240, env=env, what="reproduce.py --dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count(" train ") == 2 and "24 steps" in dry.stdout and "estimated training time" in dry.stdout
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = tmp_path / "first.log"
+    # held at step 7 (GANCORE_TEST_HOLD_AT_STEP, gancore/train/signals.py) until the signal: after the checkpoint at
+    # step 4, and beyond the 6 steps of a time-estimate probe; however fast this machine, the first experiment is
+    # still under way when the SIGTERM comes
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, "GANCORE_TEST_HOLD_AT_STEP": "7"})
     plans = rp.plan("mnist", "domain", 3, 200, (*SMALL, f"track.uri={uri}"), tmp_path / "runs")
-    deadline = time.monotonic() + 240
-    while ckpt.latest(plans[0].run_dir) is None:  # the first experiment is under way
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=240) == 75, (tmp_path / "first.log").read_text()[-3000:]
+    try:
+        helpers.wait_for(lambda: ckpt.latest(plans[0].run_dir) is not None, timeout=240, interval=0.01,
+                         what=f"the first experiment's first checkpoint in {plans[0].run_dir}", proc=proc, log=log)
+        proc.send_signal(signal.SIGTERM)
+        assert helpers.wait_exit(proc, timeout=120, what="the suite after SIGTERM", log=log) == 75, \
+            log.read_text()[-3000:]
+    finally:
+        helpers.stop(proc, grace=0)
+    assert 4 < ckpt.load(ckpt.latest(plans[0].run_dir))["step"] <= 7  # stopped after the checkpoint, by the hold
     assert rp.finished_run(plans[0]) is None and not rp.finished_run(plans[1])
     first_run = ckpt.load(ckpt.latest(plans[0].run_dir))["run_id"]
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    again = helpers.run(cmd, timeout=400, env=env, what="the continued suite")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2/2 experiments" in again.stdout
     client = _client(uri)

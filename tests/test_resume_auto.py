@@ -2,9 +2,9 @@
 refusal for a directory that is not a run's (a sweep's, or unrelated files), nothing written there."""
 
 import logging
-import subprocess
 import sys
 
+import helpers
 import pytest
 
 from gancore.errors import CheckpointError
@@ -73,7 +73,7 @@ def test_a_folder_of_unrelated_files_is_refused_by_resume_auto(tmp_path):
         (d / name).write_text("x")
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            "track.enabled=false", "--out", str(d), "--resume", "auto"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    p = helpers.run(cmd, timeout=120, what="train.py --out on a foreign directory")
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [
         f"error: {d} is not a run directory (it holds a.txt, b.csv, c.png and 1 more and no checkpoints/ or "

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -52,7 +53,14 @@ def _env() -> dict[str, str]:
 
 
 def _sh(*cmd: str, **kw) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kw).stdout.strip()
+    p = helpers.run(list(cmd), timeout=60, what=" ".join(cmd), **kw)
+    assert p.returncode == 0, f"{' '.join(cmd)}: exit code {p.returncode}: {p.stdout}{p.stderr}"
+    return p.stdout.strip()
+
+
+def _cancel(ids: list[str]) -> None:
+    for jid in ids:
+        helpers.run(["scancel", jid], timeout=60, what=f"scancel {jid}")
 
 
 @pytest.fixture
@@ -60,8 +68,33 @@ def jobs():
     """Job ids submitted by a test; whatever is still queued or running afterwards is cancelled."""
     ids: list[str] = []
     yield ids
-    for jid in ids:
-        subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+    _cancel(ids)
+
+
+@pytest.fixture
+def sweep_arrays(monkeypatch):
+    """The job ids of the Slurm arrays a sweep started in this process submits (recorded as gancore.cluster.array
+    submits them); whatever is still queued or running afterwards is cancelled."""
+    from gancore.cluster import array
+
+    ids: list[str] = []
+    make = array.make_executor
+
+    def recording(*args, **kw):
+        ex = make(*args, **kw)
+        map_array = ex.map_array
+
+        def submit(*a, **k):
+            submitted = map_array(*a, **k)
+            ids.extend(str(j.job_id) for j in submitted)
+            return submitted
+
+        ex.map_array = submit
+        return ex
+
+    monkeypatch.setattr(array, "make_executor", recording)
+    yield ids
+    _cancel(ids)
 
 
 def sbatch(jobs: list[str], *args: str) -> str:
@@ -73,46 +106,49 @@ def sbatch(jobs: list[str], *args: str) -> str:
 
 def state(jid: str) -> str:
     """The job's current state: squeue while slurmctld knows it, else sacct (which lags a little)."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"], capture_output=True, text=True,
-                         timeout=60).stdout.split()
+    out = helpers.run(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"], timeout=60,
+                      what=f"squeue -j {jid}").stdout.split()
     if out:
         return out[0]
-    rows = subprocess.run(["sacct", "-n", "-X", "-P", "-j", jid, "-o", "State"], capture_output=True, text=True,
-                          timeout=60).stdout.split("\n")
+    rows = helpers.run(["sacct", "-n", "-X", "-P", "-j", jid, "-o", "State"], timeout=60,
+                       what=f"sacct -j {jid}").stdout.split("\n")
     rows = [r.split()[0] for r in rows if r.strip()]
     return rows[-1] if rows else "UNKNOWN"
 
 
 def wait_done(jid: str, timeout: float = WAIT_S) -> str:
-    end = time.time() + timeout
-    while time.time() < end:
-        s = state(jid)
-        if s in TERMINAL:
-            return s
-        time.sleep(2)
-    raise AssertionError(f"job {jid} not finished after {timeout:.0f} s (state {state(jid)})")
+    """The job's final state, once it has one."""
+    return helpers.wait_for(lambda: (s := state(jid)) in TERMINAL and s, timeout=timeout, interval=2,
+                            what=lambda: f"job {jid} in a final state (now {state(jid)})")
 
 
 def wait_for_checkpoint(run_dir: Path, jid: str, timeout: float = WAIT_S) -> None:
     """Until the job wrote its first step checkpoint (it is mid-run then: an interruption has something to resume)."""
-    end = time.time() + timeout
-    while time.time() < end:
+    def written() -> bool:
         if ckpt.latest(run_dir) is not None:
-            return
-        assert state(jid) not in TERMINAL, f"job {jid} ended ({state(jid)}) before writing a checkpoint"
-        time.sleep(0.5)
-    raise AssertionError(f"no checkpoint in {run_dir} within {timeout:.0f} s")
+            return True
+        assert (s := state(jid)) not in TERMINAL, f"job {jid} ended ({s}) before writing a checkpoint"
+        return False
+
+    helpers.wait_for(written, timeout=timeout, interval=0.5,
+                     what=lambda: f"job {jid}'s first checkpoint in {run_dir} (job {state(jid)})")
+
+
+def _sacct_states(jid: str, *args: str) -> list[tuple[str, str]]:
+    """(JobID, State) rows of `sacct -j jid ARGS`."""
+    rows = _sh("sacct", "-n", "-P", "-j", jid, *args, "-o", "JobID,State").split("\n")
+    return [(r.split("|")[0], r.split("|")[1].split()[0]) for r in rows if r.strip()]
 
 
 def runs_of(jid: str) -> list[str]:
-    """Every run of the job in order (`sacct -D` lists each requeued run), polled until the last one is final."""
-    for _ in range(30):
-        rows = _sh("sacct", "-n", "-X", "-D", "-P", "-j", jid, "-o", "State").split("\n")
-        states = [r.split()[0] for r in rows if r.strip()]
-        if states and states[-1] in TERMINAL:
-            return states
-        time.sleep(1)
-    return states
+    """Every run of the job in order (`sacct -D` lists each requeued run), polled until the last one is final
+    (sacct lags the controller a little)."""
+    def final() -> list[str] | None:
+        states = [st for _, st in _sacct_states(jid, "-X", "-D")]
+        return states if states and states[-1] in TERMINAL else None
+
+    return helpers.wait_for(final, timeout=60, interval=1, what=lambda: f"sacct -D listing job {jid}'s last run as "
+                            f"final (it lists {[st for _, st in _sacct_states(jid, '-X', '-D')]})")
 
 
 def mlflow_runs(store: Path) -> tuple:
@@ -153,10 +189,8 @@ def preempt_while_frozen(jobs: list[str], jid: str, timeout: float = 120) -> str
         os.kill(pid, signal.SIGSTOP)
     try:
         urgent = preempt_all_cpus(jobs)
-        end = time.time() + timeout
-        while not any(_pending_signals(pid) & wanted for pid in pids):
-            assert time.time() < end, f"no preemption signal reached job {jid} within {timeout:.0f} s"
-            time.sleep(0.2)
+        helpers.wait_for(lambda: any(_pending_signals(pid) & wanted for pid in pids), timeout=timeout, interval=0.2,
+                         what=f"Slurm's preemption signal (USR1 or USR2) pending on job {jid}")
     finally:
         for pid in pids:
             try:
@@ -194,13 +228,12 @@ def reference(tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def final_checkpoint() -> Path:
-        text, _ = proc.communicate(timeout=WAIT_S)
+        text, _ = helpers.finish(proc, timeout=WAIT_S, what="the uninterrupted reference run")
         assert proc.returncode == 0, text
         return ckpt.latest(out)
 
     yield final_checkpoint
-    if proc.poll() is None:
-        proc.kill()
+    helpers.stop(proc, grace=0)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +248,7 @@ def reference_2(tmp_path_factory):
 
     yield final_checkpoint
     for p in procs:
-        p.kill()
+        helpers.stop(p, grace=0)
 
 
 def check_resumed_job(jid: str, run_dir: Path, store: Path, reference_ckpt: Path) -> list[str]:
@@ -258,13 +291,20 @@ def test_sbatch_tiny_run_finishes_into_mlflow(tmp_path, jobs):
 
 def test_submit_cli_slurm_wait_returns_results(tmp_path, jobs):
     store = tmp_path / "mlruns" / "mlflow.db"
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), "--cluster", "slurm", "--config", CONFIG,
-                        *SHORT, "train.epochs=1", "train.snapshot_epochs=[1]",
-                        "train.loss_ranges=[[1,1]]", f"track.uri=sqlite:///{store}", "--seeds", "0,1", "--cpus", "1",
-                        "--mem", "2G", "--time", "20", "--wait", "--poll", "2"],
-                       capture_output=True, text=True, timeout=WAIT_S, env=_env())
-    submitted = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("submitted ")]
-    jobs.extend(j.split("_")[0] for j in submitted)
+    out, err = tmp_path / "submit.out", tmp_path / "submit.err"
+    with out.open("w") as o, err.open("w") as e:  # files, not pipes: what was submitted is known even on a timeout
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "submit.py"), "--cluster", "slurm", "--config",
+                                 CONFIG, *SHORT, "train.epochs=1", "train.snapshot_epochs=[1]",
+                                 "train.loss_ranges=[[1,1]]", f"track.uri=sqlite:///{store}", "--seeds", "0,1",
+                                 "--cpus", "1", "--mem", "2G", "--time", "20", "--wait", "--poll", "2"],
+                                stdout=o, stderr=e, text=True, env=_env())
+    try:
+        code = helpers.wait_exit(proc, timeout=WAIT_S, what="submit.py --cluster slurm --wait", log=[out, err])
+    finally:
+        helpers.stop(proc)
+        submitted = [ln.split()[1] for ln in out.read_text().splitlines() if ln.startswith("submitted ")]
+        jobs.extend(j.split("_")[0] for j in submitted)
+    p = subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(submitted) == 2 and submitted[0].endswith("_0") and submitted[1].endswith("_1")  # one job array
     assert "log logs/submitit/" in p.stdout
@@ -364,7 +404,11 @@ def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
     wait_for_checkpoint(tmp_path / "runs" / f"slurm-{jid}", jid)
     _sh("scancel", jid)
     assert wait_done(jid) == "CANCELLED"
-    time.sleep(15)  # a requeued job would be pending or running again by now
+    # once the batch step (train.sh) has ended, nothing can requeue the job any more: a `scontrol requeue` from it
+    # would have made the job pending again and added a run to sacct -D
+    helpers.wait_for(lambda: any(i == f"{jid}.batch" and st in TERMINAL for i, st in _sacct_states(jid)),
+                     timeout=120, interval=1,
+                     what=lambda: f"job {jid}'s batch step ending (sacct: {_sacct_states(jid)})")
     assert state(jid) == "CANCELLED" and runs_of(jid) == ["CANCELLED"]
     assert "requeueing" not in (tmp_path / "logs" / f"gancore-{jid}.out").read_text()
 
@@ -374,7 +418,25 @@ def test_scancel_is_final_even_after_a_checkpointed_stop(tmp_path, jobs):
 # share one file, so parallel test workers never submit to the one-node cluster at the same time)
 
 
-def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path):
+def _sweep_in_thread(sweep) -> tuple[threading.Thread, dict]:
+    """run_sweep(sweep, workers=2, launcher="slurm") in a thread (its waits on the array have no deadline of their
+    own); the result dict gets its exit code, or the error it raised."""
+    from gancore import sweep as sw
+
+    result: dict = {}
+
+    def coordinate() -> None:
+        try:
+            result["code"] = sw.run_sweep(sweep, workers=2, launcher="slurm")
+        except BaseException as e:  # shown by the test's assert
+            result["error"] = repr(e)
+
+    coordinator = threading.Thread(target=coordinate, daemon=True)
+    coordinator.start()
+    return coordinator, result
+
+
+def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path, sweep_arrays):
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -387,7 +449,9 @@ def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path):
     with pytest.raises(SweepError, match="not SQLite"):
         sw.run_sweep(load_sweep(path), workers=2, launcher="slurm")
     sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
-    assert sw.run_sweep(sweep, workers=2, launcher="slurm") == 0
+    coordinator, result = _sweep_in_thread(sweep)
+    helpers.join(coordinator, timeout=WAIT_S, what=lambda: f"the sweep on Slurm array(s) {sweep_arrays}")
+    assert result == {"code": 0}, result
     t = trials(sweep)
     assert [x.state.name for x in t] == ["COMPLETE", "COMPLETE"]
     client = MlflowClient(sweep.base.track.uri)
@@ -396,12 +460,11 @@ def test_sweep_workers_as_a_slurm_job_array_on_journal_storage(tmp_path):
     assert len(runs) == 2 and all(r.data.tags.get("gancore.slurm_array_job_id") for r in runs)  # ran as array tasks
 
 
-def test_a_killed_slurm_array_worker_loses_no_trial(tmp_path):
+def test_a_killed_slurm_array_worker_loses_no_trial(tmp_path, sweep_arrays):
     """kill -9 of one array task mid-trial: the array ends with a failed task, the coordinator re-queues the dead
     task's trial (journal storage: no heartbeat; the array's end is what tells) and a second array finishes it from
     its checkpoint, in the same MLflow run; the sweep ends 0 with every trial complete."""
     import signal
-    import threading
 
     import optuna
     import yaml
@@ -416,28 +479,28 @@ def test_a_killed_slurm_array_worker_loses_no_trial(tmp_path):
     d["overrides"].update({"eval.every": 8, "train.checkpoint_every": 4})
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     sweep = load_sweep(path, storage=f"journal:{tmp_path / 'study.log'}")
-    result = {}
-    coordinator = threading.Thread(target=lambda: result.update(code=sw.run_sweep(sweep, workers=2, launcher="slurm")),
-                                   daemon=True)
-    coordinator.start()
-    deadline, victim = time.time() + WAIT_S, None
-    while victim is None:  # a running trial of an array task with its first checkpoint written
-        assert coordinator.is_alive() and time.time() < deadline, "no trial reached a checkpoint"
+    coordinator, result = _sweep_in_thread(sweep)
+
+    def checkpointed_trial():  # a running trial of an array task with its first checkpoint written
+        assert coordinator.is_alive(), f"the sweep ended ({result}) before a trial reached a checkpoint"
         try:
             running = trials(sweep)
         except KeyError:  # the coordinator has not created the study in the journal yet
-            running = []
+            return None
         for t in running:
             run_dir = t.user_attrs.get("gancore.run_dir")
             if t.state.name == "RUNNING" and t.user_attrs.get("gancore.slurm_task") and run_dir and \
                     ckpt.latest(Path(run_dir)) is not None:
-                victim = t
-                break
-        time.sleep(0.2)
+                return t
+        return None
+
+    victim = helpers.wait_for(checkpointed_trial, timeout=WAIT_S, interval=0.2,
+                              what=lambda: f"a trial of Slurm array(s) {sweep_arrays} with its first checkpoint")
     pid = int(victim.user_attrs["gancore.worker"].rsplit(":", 2)[1])
     os.kill(pid, signal.SIGKILL)
-    coordinator.join(timeout=2 * WAIT_S)
-    assert not coordinator.is_alive() and result["code"] == 0
+    helpers.join(coordinator, timeout=WAIT_S, what=lambda: f"the sweep after its worker {pid} was killed (arrays "
+                 f"{sweep_arrays})")
+    assert result == {"code": 0}, result
     t = trials(sweep)
     states = [x.state.name for x in t]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1, states

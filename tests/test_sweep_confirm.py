@@ -5,6 +5,7 @@ generator per run whose re-measurement gives the table's number, and summarises 
 import csv
 import statistics
 
+import helpers
 import optuna
 import pytest
 import torch
@@ -93,7 +94,8 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     best = min(done, key=lambda t: (t.value, t.number))
 
     early = cli(str(path), "--confirm", "--n-trials", "3", cwd=tmp_path)  # one trial still to run: refused
-    assert early.wait(timeout=120) == 2 and "the search has 1 trial(s) left" in early.stdout.read()
+    early_out, _ = helpers.finish(early, timeout=120, what="--confirm with a trial still to run")
+    assert early.returncode == 2 and "the search has 1 trial(s) left" in early_out
     out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)
     assert f"trial {best.number}" in out
     with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:

@@ -15,6 +15,7 @@ from pathlib import Path
 import importlib.util
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -178,7 +179,9 @@ _WORKER = textwrap.dedent(
     tr = make_tracker(cfg, True)
     import mlflow.tracking  # imported before the barrier, so the processes reach the store together
     Path(f"ready{i}").touch()
+    end = time.monotonic() + 240
     while not Path("go").exists():  # start all workers at the same moment: the race under test
+        assert time.monotonic() < end, f"worker {i}: no go from the test within 240 s"
         time.sleep(0.01)
     tr.start(cfg, Path("runs") / str(i))
     for step in range(1, 4):
@@ -196,19 +199,17 @@ def test_concurrent_workers_share_a_fresh_store(tmp_path, monkeypatch):
         for i in range(4)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while not all((store / f"ready{i}").exists() for i in range(4)):
-            assert time.monotonic() < deadline, "workers did not start"
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.poll() is not None]
-            time.sleep(0.05)
+        # a hang guard: four processes importing MLflow on one busy core can take a minute
+        helpers.wait_for(lambda: all((store / f"ready{i}").exists() for i in range(4)), timeout=180,
+                         what="4 workers ready (ready0..3)", proc=procs)
         (store / "go").touch()
-        for p in procs:
-            _, err = p.communicate(timeout=60)
+        end = time.monotonic() + 200  # all four, together: a hang guard (they race on one SQLite file)
+        for i, p in enumerate(procs):
+            _, err = helpers.finish(p, timeout=end - time.monotonic(), what=f"worker {i}")
             assert p.returncode == 0, err
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            helpers.stop(p, grace=0)
     client = _client(store)
     exps = [e for e in client.search_experiments() if e.name == "sweep"]
     assert len(exps) == 1
@@ -242,16 +243,16 @@ def mlflow_server(tmp_path):
     # Own process group: the finaliser kills the server and the workers it forked, nothing else.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
+        helpers.wait_for(healthy, timeout=60, what=f"mlflow server answering {url}/health", proc=proc,
+                         log=tmp_path / "server.log", interval=0.5)
         yield url
     finally:
         with_group = [signal.SIGTERM, signal.SIGKILL]
@@ -292,10 +293,19 @@ def test_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"http://127.0.0.1:{_free_port()}"  # bound then released: nothing listens there
     cfg = _cfg(f"track.uri={url}")
-    t0 = time.monotonic()
+    # fast: one probe with the probe's own short timeout, and no call through MLflow's client (which retries for
+    # minutes); counted, not timed
+    import mlflow.utils.rest_utils
+
+    from gancore.tracking import store as tracking_store
+
+    probes, rest_calls, urlopen = [], [], urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda u, *a, **kw: probes.append((u, kw.get("timeout"))) or urlopen(u, *a, **kw))
+    monkeypatch.setattr(mlflow.utils.rest_utils, "http_request", lambda *a, **kw: rest_calls.append(a))
     with pytest.raises(TrackingError) as e:
         make_tracker(cfg, is_main=True).start(cfg, tmp_path)
-    assert time.monotonic() - t0 < 10
+    assert probes == [(f"{url}/health", tracking_store.PROBE_TIMEOUT_S)] and rest_calls == []
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"cannot reach MLflow tracking server at {url} (")
@@ -336,7 +346,7 @@ def test_runs_table_and_cli(store):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["COLUMNS"] = "250"
     cli = [sys.executable, str(REPO / "jobs" / "runs.py"), "--experiment", "test"]
-    out = subprocess.run(cli, cwd=store, env=env, capture_output=True, text=True, timeout=60)
+    out = helpers.run(cli, cwd=store, env=env, timeout=60, what="jobs/runs.py --experiment test")
     assert out.returncode == 0, out.stderr
     assert "run0" in out.stdout and "run1" in out.stdout and "fid_lenet_10k" in out.stdout  # one key: in the header
     assert [line.split()[-1] for line in out.stdout.splitlines() if "run0" in line] == ["12.5"]

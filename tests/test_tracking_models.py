@@ -1,12 +1,12 @@
 """A finished run's generator as an MLflow model (runs:/RUN_ID/generator), generate.py from a model URI, and
 `jobs/runs.py --compare`: two tiny tracked runs, read back through mlflow's own loaders."""
 
-import subprocess
 import sys
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
+import helpers
 import pytest
 import torch
 from conftest import ROOT, needs_mnist, tiny
@@ -132,9 +132,9 @@ def test_generate_bad_uri_is_a_one_line_error(store, tmp_path, bad, says):
 
 def test_generate_cli_bad_uri_exits_2(store, tmp_path):
     out = tmp_path / "x.npz"
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "runs:/0123456789abcdef/generator",
-                        "-n", "4", "--out", str(out), "--uri", store["uri"]], capture_output=True, text=True, check=False,
-                       timeout=120)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "runs:/0123456789abcdef/generator",
+                     "-n", "4", "--out", str(out), "--uri", store["uri"]],
+                    timeout=120, what="generate.py runs:/0123456789abcdef/generator")
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [
         f"error: MLflow run '0123456789abcdef' not found in {store['uri']}"]

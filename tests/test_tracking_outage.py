@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import helpers
 import pytest
 from conftest import ROOT, needs_mnist
 from mlflow.tracking import MlflowClient
@@ -60,15 +61,15 @@ class _Server:
         with open(self.root / "server.log", "a") as log:  # own process group: stop() kills it and its workers only
             self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start:\n" + (self.root / "server.log").read_text()[-2000:])
-                time.sleep(0.25)
+        helpers.wait_for(self._healthy, timeout=90, what=f"mlflow server answering {self.url}/health", proc=self.proc,
+                         log=self.root / "server.log", interval=0.25)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -77,7 +78,7 @@ class _Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait(timeout=30)
+        helpers.wait_exit(self.proc, timeout=30, what="the killed mlflow server", log=self.root / "server.log")
 
 
 @pytest.fixture(scope="module")
@@ -94,30 +95,40 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "GANCORE_TRACK_RETRY_MAX_S": "1", **extra}
 
 
+HOLD_AT = 5  # the run waits at this step until the test releases it (after stopping the server)
+
+
 def _train(run_dir: Path, url: str, finish_wait_s: int) -> subprocess.Popen:
-    """A tiny MLP GAN run (40 steps, a metric every step, a grid every 2) tracked to `url`, in a subprocess."""
+    """A tiny MLP GAN run (40 steps, a metric every step, a grid every 2) tracked to `url`, in a subprocess, held at
+    step HOLD_AT until `_release(run_dir)` (GANCORE_TEST_HOLD_AT_STEP, gancore/train/signals.py): however fast this
+    machine, steps HOLD_AT.. come after whatever the test does before the release."""
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "mnist_mlp_gan.yaml"),
            "--out", str(run_dir), "data.subset=320", "optim.batch_size=32", f"train.epochs={EPOCHS}",
            "train.log_every=1", "train.progress=false", "train.snapshot_epochs=[4]", "train.loss_ranges=[[1,4]]",
            "train.grid_size=16", f"track.image_every={IMAGE_EVERY}", "train.checkpoint_every=1000",
            "track.enabled=true", f"track.uri={url}", "track.experiment=outage"]
-    return subprocess.Popen(cmd, env=_env(GANCORE_TRACK_FINISH_WAIT_S=str(finish_wait_s)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = _env(GANCORE_TRACK_FINISH_WAIT_S=str(finish_wait_s), GANCORE_TEST_HOLD_AT_STEP=str(HOLD_AT),
+               GANCORE_TEST_HOLD_RELEASE=str(run_dir.parent / f"{run_dir.name}.release"))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _release(run_dir: Path) -> None:
+    (run_dir.parent / f"{run_dir.name}.release").touch()
 
 
 def _run_id_once_logging(run_dir: Path, url: str, proc: subprocess.Popen) -> str:
     """The run's id, once MLflow shows its first metric values (the tracker's outbox names the run)."""
-    deadline = time.monotonic() + 120
-    client = MlflowClient(tracking_uri=url)
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        header = run_dir / "tracking_outbox" / "run.json"
+    client, header = MlflowClient(tracking_uri=url), run_dir / "tracking_outbox" / "run.json"
+
+    def logging() -> str | None:
         if header.is_file():
             run_id = json.loads(header.read_text())["run_id"]
             if client.get_metric_history(run_id, "Loss/D"):
                 return run_id
-        time.sleep(0.1)
-    pytest.fail("the run logged no metrics within 120 s")
+        return None
+
+    return helpers.wait_for(logging, timeout=120, what=f"the run's first Loss/D value in MLflow at {url}", proc=proc,
+                            interval=0.1)
 
 
 def _files(run_dir: Path, sub: str) -> list[str]:
@@ -166,14 +177,17 @@ def test_server_away_for_seconds_run_trains_on_and_mlflow_has_everything(server,
         run_id = _run_id_once_logging(run_dir, server.url, proc)
         server.stop()
         down = time.time()
-        time.sleep(4)  # the run goes on logging metrics and grids into its outbox
-        assert proc.poll() is None or proc.returncode == 0
+        _release(run_dir)  # steps HOLD_AT..TOTAL come while the server is away
+        # the run trains on to its end without the server, logging metrics and grids into its outbox (it then waits
+        # for the server, up to GANCORE_TRACK_FINISH_WAIT_S)
+        final = run_dir / "checkpoints" / f"step_{TOTAL:08d}.pt"
+        helpers.wait_for(final.exists, timeout=180, what=f"the run's last checkpoint ({final.name}) with the server "
+                         "away", proc=proc, interval=0.1)
         up_started = time.time()
         server.start()
-        out, err = proc.communicate(timeout=180)
+        out, err = helpers.finish(proc, timeout=180, what="the run once the server is back")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        helpers.stop(proc, grace=0)
     assert proc.returncode == 0, err[-3000:]
     assert f"done: {TOTAL} steps" in out
     warnings = [line for line in err.splitlines() if "MLflow" in line]
@@ -182,13 +196,14 @@ def test_server_away_for_seconds_run_trains_on_and_mlflow_has_everything(server,
     assert "training goes on" in warnings[0] and str(run_dir / "tracking_outbox") in warnings[0]
     got = _assert_everything_in_mlflow(server.url, run_id, run_dir)
     # the training did not wait for the server: steps were logged (timestamped) while it was away
-    assert any(down * 1000 < ts < up_started * 1000 for _, _, ts in got["Loss/D"])
+    away = [s for s, _, ts in got["Loss/D"] if int(down * 1000) <= ts <= int(up_started * 1000)]  # ms, as logged
+    assert away == list(range(HOLD_AT, TOTAL + 1)), away
     assert not (run_dir / "tracking_outbox").exists()  # everything delivered: nothing kept
 
 
 _KILLED = textwrap.dedent(
     """
-    import sys, time
+    import select, sys, time
     from pathlib import Path
     import numpy as np
     from gancore.config import load_config
@@ -199,6 +214,7 @@ _KILLED = textwrap.dedent(
     tr.log_metrics({"x": 1.0}, 1)
     tr.flush()
     print("sent", flush=True)
+    assert select.select([sys.stdin], [], [], 240)[0], "no go from the test within 240 s"
     sys.stdin.readline()  # the test stops the server, then says go
     for step in range(2, 21):
         tr.log_metrics({"x": float(step), "y": -step}, step)
@@ -217,20 +233,20 @@ def test_server_never_back_outbox_then_sync(server, tmp_path):
     killed = subprocess.Popen([sys.executable, "-c", _KILLED, server.url, str(killed_dir)], env=_env(),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        killed_id = killed.stdout.readline().strip()
-        assert killed.stdout.readline().strip() == "sent", killed.stderr.read()
+        killed_id = helpers.readline(killed, timeout=120, what="the second process's run id")
+        assert helpers.readline(killed, timeout=120, what="the second process's 'sent'") == "sent"
         run_id = _run_id_once_logging(run_dir, server.url, proc)
         server.stop()
+        _release(run_dir)  # the run's steps HOLD_AT.. and its end come while the server is away
         killed.stdin.write("go\n")
         killed.stdin.flush()
-        assert killed.stdout.readline().strip() == "logged"
+        assert helpers.readline(killed, timeout=120, what="the second process's 'logged'") == "logged"
         killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-        out, err = proc.communicate(timeout=180)
+        helpers.wait_exit(killed, timeout=30, what="the second process after kill -9")
+        out, err = helpers.finish(proc, timeout=180, what="the run with the server away for good")
     finally:
         for p in (proc, killed):
-            if p.poll() is None:
-                p.kill()
+            helpers.stop(p, grace=0)
     assert proc.returncode == 0, err[-3000:]
     assert f"done: {TOTAL} steps" in out
     lines = [line for line in err.splitlines() if "MLflow" in line]
@@ -242,17 +258,17 @@ def test_server_never_back_outbox_then_sync(server, tmp_path):
     sync = [sys.executable, str(ROOT / "jobs" / "sync.py")]
 
     # server still away: a one-line error, exit 2, the outbox untouched
-    p = subprocess.run([*sync, str(run_dir)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    p = helpers.run([*sync, str(run_dir)], env=_env(), timeout=120, what="sync.py with the server away")
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith(f"error: cannot reach MLflow tracking server at {server.url} (")
     assert (run_dir / "tracking_outbox" / "journal.jsonl").read_text().splitlines() == journal
     # a run dir without an outbox
-    p = subprocess.run([*sync, str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    p = helpers.run([*sync, str(tmp_path)], env=_env(), timeout=120, what="sync.py on a dir without an outbox")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nothing to sync in" in p.stderr, p.stderr
 
     server.start()
     for d, rid in ((run_dir, run_id), (killed_dir, killed_id)):
-        p = subprocess.run([*sync, str(d)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+        p = helpers.run([*sync, str(d)], env=_env(), timeout=120, what=f"sync.py {d}")
         assert p.returncode == 0, p.stderr
         assert p.stdout.count("\n") == 1 and p.stdout.startswith(f"synced {d} to MLflow run {rid} at {server.url}: ")
     first = _assert_everything_in_mlflow(server.url, run_id, run_dir)
@@ -264,11 +280,11 @@ def test_server_never_back_outbox_then_sync(server, tmp_path):
         == [["images/samples", "step", "20"]]
 
     # again: nothing left, nothing logged twice
-    p = subprocess.run([*sync, str(run_dir)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    p = helpers.run([*sync, str(run_dir)], env=_env(), timeout=120, what="sync.py again")
     assert p.returncode == 0 and p.stdout.startswith("nothing to sync: all "), p.stderr
     # a sync that died after sending but before writing its cursor: the store's records are not sent twice
     (run_dir / "tracking_outbox" / "cursor.json").write_text('{"delivered": 0}')
-    p = subprocess.run([*sync, str(run_dir)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    p = helpers.run([*sync, str(run_dir)], env=_env(), timeout=120, what="sync.py again")
     assert p.returncode == 0, p.stderr
     assert ": 0 metric values, 0 images, " in p.stdout and "; 0 already there" not in p.stdout
     assert _assert_everything_in_mlflow(server.url, run_id, run_dir) == first

@@ -1,5 +1,6 @@
 """A training run as MLflow sees it, read back through MlflowClient: params, metric steps, grids, artifacts, resume."""
 
+import helpers
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -79,8 +80,8 @@ def test_metrics_during_training_and_eval_job(tmp_path):
     arts = _artifacts(client, r.run_id)
     assert "plots/tsne.png" in arts and "plots/class_accuracy.png" in arts
 
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "eval.py"), r.run_id, "-n", "100", "--uri", _uri(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "eval.py"), r.run_id, "-n", "100", "--uri", _uri(tmp_path)],
+                    timeout=300, what="eval.py on the run")
     assert p.returncode == 0, p.stderr
     assert "fid_lenet_100 = " in p.stdout
     hist = client.get_metric_history(r.run_id, "fid_lenet_100")
@@ -111,9 +112,9 @@ def test_quickstart_logs_sample_quality_by_step_and_ends_its_summary_with_it(tmp
     from conftest import ROOT
 
     uri = _uri(tmp_path)
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                        "train.max_steps=200", "train.progress=false", f"track.uri={uri}", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=280)
+    r = helpers.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                     "train.max_steps=200", "train.progress=false", f"track.uri={uri}", "--out", str(tmp_path / "run")],
+                    timeout=280, what="train.py, 200 steps tracked")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -34,7 +34,20 @@ def _sha1_32(x, y):
 
 
 def test_run_logs_fid_by_step_system_metrics_and_its_dataset(tmp_path, monkeypatch):
+    from gancore.tracking import system
+
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's default: 10 s
+    # held at step 4 until the first system value is logged (GANCORE_TEST_HOLD_AT_STEP, gancore/train/signals.py);
+    # the stop logs one more: at least two values however fast the run
+    release = tmp_path / "release"
+    monkeypatch.setenv("GANCORE_TEST_HOLD_AT_STEP", "4")
+    monkeypatch.setenv("GANCORE_TEST_HOLD_RELEASE", str(release))
+    init = system.SystemMetrics.__init__
+
+    def releasing(self, log_metrics, *args, **kw):
+        init(self, lambda values, step: (log_metrics(values, step), release.touch()), *args, **kw)
+
+    monkeypatch.setattr(system.SystemMetrics, "__init__", releasing)
     cfg = tiny("track.enabled=true", f"track.uri={_uri(tmp_path)}", "eval.n_samples=200", "eval.every=4",
                "eval.extractor=lenet_mnist", "eval.metrics=[fid,kid]")
     r = fit(cfg, out=tmp_path / "run")

@@ -1,12 +1,12 @@
 """End-to-end: a tiny run's artifacts, bit-identical resume, NaN stop, generate to png/npz/h5."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
+import helpers
 import pytest
 import torch
 
@@ -129,7 +129,7 @@ def test_generate_png_npz_h5(tmp_path):
     r = fit(tiny("model.conditional=true"), out=tmp_path / "r")
     gen = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(r.run_dir)]
     for out in ("imgs", "s.npz", "s.h5"):
-        p = subprocess.run([*gen, "-n", "12", "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=120)
+        p = helpers.run([*gen, "-n", "12", "--out", str(tmp_path / out)], timeout=120, what="generate.py " + out)
         assert p.returncode == 0, p.stderr
     pngs = sorted((tmp_path / "imgs").glob("*.png"))
     assert len(pngs) == 12
@@ -154,7 +154,7 @@ def test_sampling_only_checkpoint_samples_the_same_and_cannot_be_resumed(tmp_pat
     full = ckpt.latest(r.run_dir)
     slim = tmp_path / "slim.pt"
     cmd = [sys.executable, str(ROOT / "jobs" / "slim.py")]
-    p = subprocess.run([*cmd, str(r.run_dir), str(slim)], capture_output=True, text=True, timeout=120)
+    p = helpers.run([*cmd, str(r.run_dir), str(slim)], timeout=120, what="export of a sampling-only generator")
     assert p.returncode == 0, p.stderr
     s = ckpt.load(slim)
     assert s["sampling_only"] and set(s["networks"]) == {"G"} and "optimizers" not in s and s["ema"] is not None
@@ -168,7 +168,7 @@ def test_sampling_only_checkpoint_samples_the_same_and_cannot_be_resumed(tmp_pat
     for args, msg in [([str(r.run_dir), str(slim)], "already exists"),
                       ([str(r.run_dir), str(tmp_path / "a.npz" / "x.pt")], "is a file, not a folder"),
                       ([str(tmp_path / "a.npz"), str(tmp_path / "c.pt")], "not a gancore checkpoint")]:
-        p = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+        p = helpers.run([*cmd, *args], timeout=120, what=" ".join(args))
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert slim.read_bytes() == before and not (tmp_path / "c.pt").exists()
 
@@ -177,10 +177,10 @@ def test_train_cli_stop_and_resume(tmp_path):
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            "data.subset=64", "optim.batch_size=32", "train.epochs=2", "train.progress=false", "track.enabled=false",
            "eval.n_samples=0", "eval.every=0", "--out", str(tmp_path / "r")]
-    p = subprocess.run([*cmd, "--stop-after", "1"], capture_output=True, text=True, timeout=300)
+    p = helpers.run([*cmd, "--stop-after", "1"], timeout=300, what="train.py --stop-after 1")
     assert p.returncode == 75, p.stderr
     assert "continue with --out" in p.stdout
-    p = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    p = helpers.run([*cmd, "--resume", "auto"], timeout=300, what="train.py --resume auto")
     assert p.returncode == 0, p.stderr
     assert "done: 4 steps" in p.stdout
 
@@ -189,10 +189,10 @@ def test_train_cli_nan_loss_exits_3_with_one_line(tmp_path):
     """A real NaN from the config (D's learning rate 1e30 blows D up in its first update), through the CLI."""
     from gancore.errors import EXIT_NON_FINITE
 
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
-                        str(ROOT / "configs" / "quickstart.yaml"), "data.subset=64", "optim.batch_size=32",
-                        "train.epochs=2", "train.progress=false", "track.enabled=false", "optim.lr_d=1e30", "eval.n_samples=0", "eval.every=0",
-                        "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=200)
+    p = helpers.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
+                     str(ROOT / "configs" / "quickstart.yaml"), "data.subset=64", "optim.batch_size=32",
+                     "train.epochs=2", "train.progress=false", "track.enabled=false", "optim.lr_d=1e30", "eval.n_samples=0", "eval.every=0",
+                     "--out", str(tmp_path / "r")], timeout=200, what="a run with lr_d=1e30")
     assert p.returncode == EXIT_NON_FINITE == 3, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "non-finite" in err[0] and "lower the learning rate" in err[0], p.stderr
@@ -209,15 +209,15 @@ def test_cli_stop_and_resume_with_the_presets_evaluation_is_bit_identical(tmp_pa
             "eval.n_samples=200", "train.progress=false", "track.enabled=false"]
     base = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"), *over]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.run([*base, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=240, env=env)
+    p = helpers.run([*base, "--out", str(tmp_path / "full")], timeout=240, env=env, what="the uninterrupted run")
     assert p.returncode == 0, p.stdout + p.stderr
     for stop in (30, 45):
-        p = subprocess.run([*base, "--out", str(tmp_path / "part"), "--resume", "auto", "--stop-after", str(stop)],
-                           capture_output=True, text=True, timeout=240, env=env)
+        p = helpers.run([*base, "--out", str(tmp_path / "part"), "--resume", "auto", "--stop-after", str(stop)],
+                        timeout=240, env=env, what=f"the run stopped after step {stop}")
         assert p.returncode == 75, p.stdout + p.stderr
         assert ckpt.latest(tmp_path / "part").name == f"step_{stop:08d}.pt"
-    p = subprocess.run([*base, "--out", str(tmp_path / "part"), "--resume", "auto"], capture_output=True, text=True,
-                       timeout=240, env=env)
+    p = helpers.run([*base, "--out", str(tmp_path / "part"), "--resume", "auto"], timeout=240, env=env,
+                    what="the resumed run")
     assert p.returncode == 0, p.stdout + p.stderr
     a = ckpt.load(tmp_path / "full" / "checkpoints" / "step_00000060.pt")
     b = ckpt.load(tmp_path / "part" / "checkpoints" / "step_00000060.pt")

@@ -40,9 +40,12 @@ class StopFlag:
 
     def __init__(self, accelerator: Any = None) -> None:
         self.signal: int | None = None
-        # test hook (tests/test_slurm.py): a one-process run waits at this step until a stop signal arrives (at
-        # most HOLD_S), so a test can preempt a job that is certainly mid-run without racing it to its end.
+        # test hook (tests/test_slurm.py, test_faults.py, test_tracking_outage.py, test_distributed.py): the run waits
+        # at this step until a stop signal arrives (on any rank) or the file GANCORE_TEST_HOLD_RELEASE names exists
+        # (at most HOLD_S), so a test can act on a run that is certainly mid-run without racing it to its end,
+        # however fast the machine. One process stops at the held step; several agree on the stop as usual.
         self.hold_at = int(os.environ.get("GANCORE_TEST_HOLD_AT_STEP") or 0)
+        self.release = os.environ.get("GANCORE_TEST_HOLD_RELEASE") or None
         self._old: dict[int, Any] = {}
         self._acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
 
@@ -63,6 +66,8 @@ class StopFlag:
             if step == self.hold_at:
                 self._hold()
             return self.signal is not None
+        if step == self.hold_at:
+            self._hold_together()
         if step % self.SYNC_EVERY:
             return False
         return self.agree()
@@ -100,9 +105,22 @@ class StopFlag:
         total = self._acc.reduce(t, "sum")
         return bool(total[0].item() > 0), float(total[1].item())
 
+    def _released(self) -> bool:
+        return bool(self.release) and os.path.exists(self.release)
+
     def _hold(self) -> None:
         end = time.monotonic() + self.HOLD_S
-        while self.signal is None and time.monotonic() < end:
+        while self.signal is None and time.monotonic() < end and not self._released():
+            time.sleep(0.05)
+
+    def _hold_together(self) -> None:
+        """Every rank, at the held step: wait until any rank has a stop signal, is released or has waited HOLD_S.
+        One all-reduce per poll, so the ranks leave in the same poll (none is left alone in a collective)."""
+        end = time.monotonic() + self.HOLD_S
+        while True:
+            mine = [float(self.signal is not None), float(time.monotonic() >= end or self._released())]
+            if self._acc.reduce(torch.tensor(mine, device=self._acc.device), "sum").sum().item() > 0:
+                return
             time.sleep(0.05)
 
     def restore(self) -> None:
