@@ -1,0 +1,52 @@
+"""Values a run logged, recomputed here from its checkpoint file (issue #25 item 4): a test compares what the run
+recorded with these instead of asserting a range every value satisfies. The metric formulas themselves are checked
+against numpy/scipy references in test_metric_references.py; what these check is that the number a run logged is
+the one its weights at that step give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def sample_quality(checkpoint: str | Path, metrics: tuple[str, ...] | None = None) -> dict[str, float]:
+    """The training loop's evaluation redone on the checkpoint's weights: its cfg's n, extractor and metrics, the
+    samples from the loop's seeded inputs (train.seed + 777, drawn afresh for each evaluation)."""
+    from gancore.metrics import evaluate
+    from gancore.train.state import load_family
+
+    family, cfg, _ = load_family(checkpoint)
+    g = torch.Generator().manual_seed(cfg.train.seed + 777)
+    with torch.no_grad():
+        return evaluate(cfg, lambda b: family.to_uint8(family.sample(b, inputs=family.fixed_inputs(b, g))), "cpu",
+                        metrics=tuple(metrics or cfg.eval.metrics))
+
+
+def class_accuracy_by_hand(checkpoint: str | Path, n_per_class: int = 50, batch: int = 25) -> dict[str, float]:
+    """class_acc_<tag>_<c> and _mean of a conditional GAN's checkpoint, counted here: for each class c, n_per_class
+    samples G(z, c) (z from the family's class-sampler seed 4321, `batch` per draw: the CPU evaluation batch), the
+    share the domain classifier (LeNet for MNIST) labels c."""
+    from gancore.metrics.classifier import FOR_DATASET, domain_spec, ensure_classifier, load_classifier, prepare
+    from gancore.train.state import load_family
+
+    family, cfg, _ = load_family(checkpoint)
+    name = FOR_DATASET[cfg.data.name]
+    spec = domain_spec(name)
+    net = load_classifier(name, ensure_classifier(name))
+    G = family.sampler_network()  # its EMA copy when there is one; eval mode (load_family)
+    g = torch.Generator().manual_seed(4321)
+    acc = []
+    with torch.no_grad():
+        for c in range(cfg.model.num_classes):
+            right = 0
+            for lo in range(0, n_per_class, batch):
+                b = min(batch, n_per_class - lo)
+                y = torch.full((b,), c, dtype=torch.long)
+                x = G(torch.randn(b, cfg.model.nz, generator=g), y)  # tanh output in [-1, 1]
+                x_u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                right += int((net(prepare(x_u8, spec)).argmax(1) == c).sum())
+            acc.append(right / n_per_class)
+    out = {f"class_acc_{spec.tag}_{c}": a for c, a in enumerate(acc)}
+    out[f"class_acc_{spec.tag}_mean"] = sum(acc) / len(acc)
+    return out
