@@ -50,3 +50,17 @@ def class_accuracy_by_hand(checkpoint: str | Path, n_per_class: int = 50, batch:
     out = {f"class_acc_{spec.tag}_{c}": a for c, a in enumerate(acc)}
     out[f"class_acc_{spec.tag}_mean"] = sum(acc) / len(acc)
     return out
+
+
+def checkpoint_eval(checkpoint: str | Path, n: int, extractor: str | None = None, seed: int = 0) -> dict[str, float]:
+    """What jobs/eval.py (gancore.evaluation.evaluate_checkpoint) measures on a checkpoint, measured again without
+    its per-checkpoint feature cache: the samples of chunk 0 of its seeded chunk sampler (n <= one chunk)."""
+    from gancore.evaluation import chunk_sampler
+    from gancore.metrics import evaluate
+    from gancore.metrics.fidelity import CHUNK
+    from gancore.train.state import load_family
+
+    assert n <= CHUNK, "one chunk only"
+    family, cfg, _ = load_family(checkpoint)
+    with torch.no_grad():
+        return evaluate(cfg, chunk_sampler(family, seed)(0), "cpu", extractor=extractor, n=n)
