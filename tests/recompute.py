@@ -64,3 +64,31 @@ def checkpoint_eval(checkpoint: str | Path, n: int, extractor: str | None = None
     family, cfg, _ = load_family(checkpoint)
     with torch.no_grad():
         return evaluate(cfg, chunk_sampler(family, seed)(0), "cpu", extractor=extractor, n=n)
+
+
+def first_test_images(cfg, subset):
+    """The first `subset` test images of every class at the run's image size, and their digits."""
+    import dataclasses
+
+    from gancore.data import load_images
+
+    return load_images(dataclasses.replace(cfg.data, split="test", subset=subset, normal_class=-1))
+
+
+def ganomaly_metrics_by_sklearn(checkpoint) -> dict[str, float]:
+    """auroc / average_precision: scikit-learn on scores computed here from G's outputs (latent: mean (z - z_hat)^2,
+    recon: mean (x - x_hat)^2; pixels in [-1, 1]), every digit but the normal one positive."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from gancore.train.state import load_family
+
+    family, cfg, _ = load_family(checkpoint)
+    x, y = first_test_images(cfg, cfg.ganomaly.test_subset)
+    with torch.no_grad():
+        x = x.float() / 127.5 - 1
+        x_hat, z, z_hat = family.networks["G"](x)
+    err = (z - z_hat) if cfg.ganomaly.score == "latent" else (x - x_hat)
+    scores = err.double().pow(2).flatten(1).mean(dim=1).numpy()
+    anomalous = (y != cfg.data.normal_class).numpy()
+    assert 0 < anomalous.sum() < len(anomalous)  # both classes in the test subset
+    return {"auroc": roc_auc_score(anomalous, scores), "average_precision": average_precision_score(anomalous, scores)}

@@ -15,6 +15,7 @@ from gancore.families.ganomaly import GANomaly, auroc
 from gancore.families.vae import VAE, kl_divergence
 from gancore.train.loop import fit
 from conftest import ROOT, needs_mnist, tiny
+from recompute import ganomaly_metrics_by_sklearn, first_test_images
 
 # small GANomaly networks so a CPU step takes milliseconds; the preset's 64/128/256 convs are shape-tested below
 SMALL_GANOMALY = ("model.ngf=8", "model.ndf=8", "model.nz=16", "ganomaly.test_subset=200")
@@ -221,15 +222,6 @@ METRICS = {"vae": {"vae_test_elbo", "vae_test_recon", "vae_test_kl"}, "ganomaly"
 METRICS["ganomaly_image_d"] = METRICS["ganomaly"]
 
 
-def _test_images(cfg, subset):
-    """The first `subset` test images of every class at the run's image size, and their digits."""
-    import dataclasses
-
-    from gancore.data import load_images
-
-    return load_images(dataclasses.replace(cfg.data, split="test", subset=subset, normal_class=-1))
-
-
 def _vae_metrics_by_hand(checkpoint) -> dict[str, float]:
     """vae_test_*: per test image, pixels in [0, 1], one z = mu + sigma eps draw (eps from the family's fixed seed,
     500 images per draw) -> summed squared error, KL(N(mu, sigma^2) || N(0, I)) summed over latents; means."""
@@ -237,7 +229,7 @@ def _vae_metrics_by_hand(checkpoint) -> dict[str, float]:
 
     family, cfg, _ = ckpt.load_family(checkpoint)
     enc, dec = family.networks["encoder"], family.networks["decoder"]
-    x_all, _ = _test_images(cfg, cfg.vae.test_subset)
+    x_all, _ = first_test_images(cfg, cfg.vae.test_subset)
     g = torch.Generator().manual_seed(EVAL_SEED)
     recon, kl = [], []
     with torch.no_grad():
@@ -248,23 +240,6 @@ def _vae_metrics_by_hand(checkpoint) -> dict[str, float]:
             kl.append(0.5 * (torch.exp(logvar) + mu**2 - 1 - logvar).sum(dim=1))
     recon, kl = torch.cat(recon).double().mean().item(), torch.cat(kl).double().mean().item()
     return {"vae_test_recon": recon, "vae_test_kl": kl, "vae_test_elbo": -(recon + kl)}
-
-
-def _ganomaly_metrics_by_sklearn(checkpoint) -> dict[str, float]:
-    """auroc / average_precision: scikit-learn on scores computed here from G's outputs (latent: mean (z - z_hat)^2,
-    recon: mean (x - x_hat)^2; pixels in [-1, 1]), every digit but the normal one positive."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    family, cfg, _ = ckpt.load_family(checkpoint)
-    x, y = _test_images(cfg, cfg.ganomaly.test_subset)
-    with torch.no_grad():
-        x = x.float() / 127.5 - 1
-        x_hat, z, z_hat = family.networks["G"](x)
-    err = (z - z_hat) if cfg.ganomaly.score == "latent" else (x - x_hat)
-    scores = err.double().pow(2).flatten(1).mean(dim=1).numpy()
-    anomalous = (y != cfg.data.normal_class).numpy()
-    assert 0 < anomalous.sum() < len(anomalous)  # both classes in the test subset
-    return {"auroc": roc_auc_score(anomalous, scores), "average_precision": average_precision_score(anomalous, scores)}
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +259,7 @@ def test_tiny_run_figures_and_metrics(full_runs, name):
     assert set(r.metrics) == METRICS[name]
     # the metrics recomputed here from the final checkpoint: by hand (VAE) and by scikit-learn on scores written
     # out here (GANomaly), not through the families' evaluate()
-    expected = (_vae_metrics_by_hand if name == "vae" else _ganomaly_metrics_by_sklearn)(r.checkpoint)
+    expected = (_vae_metrics_by_hand if name == "vae" else ganomaly_metrics_by_sklearn)(r.checkpoint)
     assert r.metrics == pytest.approx(expected, rel=1e-5, abs=1e-6), (r.metrics, expected)
     for rel in ["snapshots/epoch_003.png", "plots/loss_all.png", "samples/step_00000012.png"]:
         assert (r.run_dir / rel).is_file(), rel
@@ -329,7 +304,7 @@ def test_anomaly_table_two_digits(tmp_path):
     from gancore.train.rundir import checkpoint_file
 
     for r in rows:  # each digit's AUROC / AP recomputed by scikit-learn from that digit's final checkpoint
-        want = _ganomaly_metrics_by_sklearn(checkpoint_file(r["run_dir"]))
+        want = ganomaly_metrics_by_sklearn(checkpoint_file(r["run_dir"]))
         assert (r["auroc"], r["average_precision"]) == pytest.approx((want["auroc"], want["average_precision"]))
     lines = (out / "table.csv").read_text().splitlines()
     assert lines[0].startswith("normal_digit,auroc,average_precision") and len(lines) == 3
