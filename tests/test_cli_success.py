@@ -72,7 +72,8 @@ def test_anomaly_table_cli(tmp_path):
     from gancore.train.rundir import checkpoint_file
 
     out = tmp_path / "table"
-    p = _run([ROOT / "jobs" / "anomaly_table.py", "--digits", "1", "--out", out, "model.ngf=8", "model.ndf=8",
+    p = _run([ROOT / "jobs" / "anomaly_table.py", "--config", ROOT / "configs/mnist_ganomaly.yaml", "--digits", "1",
+              "--out", out, "model.ngf=8", "model.ndf=8",
               "model.nz=16", "ganomaly.test_subset=200", "data.subset=64", "optim.batch_size=32", "train.epochs=1",
               "train.progress=false", "track.enabled=false", "train.snapshot_epochs=[1]",
               "train.loss_ranges=[[1,1]]"], tmp_path)
