@@ -121,7 +121,11 @@ def test_final_inception_columns_measure_the_best_checkpoint_once(tmp_path, monk
     run = client.get_run(run_id)
     (fid,) = client.get_metric_history(run_id, "fid_inception_40")
     best_step = state.load(plans[0].run_dir / state.CKPT_DIR / state.BEST)["step"]
-    assert fid.step == best_step == rows[0]["fid_best_step"] and fid.value > 0  # best.pt, at its own step
+    assert fid.step == best_step == rows[0]["fid_best_step"]  # best.pt, at its own step
+    from recompute import checkpoint_eval
+
+    best = plans[0].run_dir / state.CKPT_DIR / state.BEST  # measured again here, without eval's feature cache
+    assert fid.value == pytest.approx(checkpoint_eval(best, 40, extractor="inception")["fid_inception_40"], rel=1e-6)
     stamp = json.loads(run.data.tags["gancore.protocol.inception_40"])
     assert stamp["extractor"] == "inception" and len(stamp["weights_sha256"]) == 64 and stamp["ema"] is False
     with open(tmp_path / "results" / "mnist.csv") as f:

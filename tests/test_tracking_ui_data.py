@@ -3,6 +3,7 @@
 
 import hashlib
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -33,10 +34,30 @@ def _sha1_32(x, y):
     return h.hexdigest()[:32]
 
 
+class _Sensors:
+    """psutil as MLflow's CPU monitor sees it, reading 1.0, 2.0, 3.0, ... percent and 1001, 1002, ... MB in use:
+    every logged system metric is then known here (one sample per logged value: MLflow's default)."""
+
+    def __init__(self):
+        self.cpu, self.mem = 0, 0
+
+    def cpu_percent(self, *a, **k):
+        self.cpu += 1
+        return float(self.cpu)
+
+    def virtual_memory(self):
+        self.mem += 1
+        return types.SimpleNamespace(used=(1000 + self.mem) * 1e6, total=8000e6)
+
+
 def test_run_logs_fid_by_step_system_metrics_and_its_dataset(tmp_path, monkeypatch):
+    from mlflow.system_metrics.metrics import cpu_monitor
+
     from gancore.tracking import system
+    from recompute import sample_quality
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's default: 10 s
+    monkeypatch.setattr(cpu_monitor, "psutil", _Sensors())
     # held at step 4 until the first system value is logged (GANCORE_TEST_HOLD_AT_STEP, gancore/train/signals.py);
     # the stop logs one more: at least two values however fast the run
     release = tmp_path / "release"
@@ -49,21 +70,26 @@ def test_run_logs_fid_by_step_system_metrics_and_its_dataset(tmp_path, monkeypat
 
     monkeypatch.setattr(system.SystemMetrics, "__init__", releasing)
     cfg = tiny("track.enabled=true", f"track.uri={_uri(tmp_path)}", "eval.n_samples=200", "eval.every=4",
-               "eval.extractor=lenet_mnist", "eval.metrics=[fid,kid]")
+               "eval.extractor=lenet_mnist", "eval.metrics=[fid,kid]", "train.checkpoint_every=4")
     r = fit(cfg, out=tmp_path / "run")
     client = MlflowClient(tracking_uri=_uri(tmp_path))
     run = client.get_run(r.run_id)
     # sample quality by step (8 steps, eval.every 4), named by protocol; the last value is the run's result
     fid = _history(client, r.run_id, "fid_lenet_200")
-    assert [s for s, _ in fid] == [4, 8] and all(v > 0 for _, v in fid)
+    assert [s for s, _ in fid] == [4, 8]
+    for step, value in fid:  # each evaluation recomputed from that step's checkpoint
+        assert value == pytest.approx(sample_quality(r.run_dir / f"checkpoints/step_{step:08d}.pt")["fid_lenet_200"],
+                                      rel=1e-6), step
     assert [s for s, _ in _history(client, r.run_id, "kid_lenet_200")] == [4, 8]
     assert r.metrics["fid_lenet_200"] == pytest.approx(fid[-1][1])
     # system metrics: MLflow's names under system/, numbered 0, 1, 2, ... and the sampler thread gone
     cpu = _history(client, r.run_id, "system/cpu_utilization_percentage")
     assert len(cpu) >= 2 and [s for s, _ in cpu] == list(range(len(cpu)))
-    assert all(0.0 <= v <= 100.0 * 64 for _, v in cpu)
+    assert [v for _, v in cpu] == [float(i) for i in range(1, len(cpu) + 1)]  # the sensor's readings, in order
     mem = _history(client, r.run_id, "system/system_memory_usage_megabytes")
-    assert len(mem) == len(cpu) and all(v > 0 for _, v in mem)
+    assert [v for _, v in mem] == [1000.0 + i for i in range(1, len(cpu) + 1)]
+    pct = _history(client, r.run_id, "system/system_memory_usage_percentage")
+    assert [v for _, v in pct] == [round((1000 + i) * 1e6 / 8000e6 * 100, 1) for i in range(1, len(cpu) + 1)]
     assert run.data.tags["gancore.system_metrics_node"].startswith("node0 (")
     assert not [t for t in threading.enumerate() if t.name == "gancore-system-metrics"]
     # the data it trained on: one input, named by split and subset, digest of exactly those images and labels

@@ -132,16 +132,19 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DomainSpec,
 
 
 def train_classifier(name: str, epochs: int | None = None, out: str | Path | None = None, seed: int = 0,
-                     device: torch.device | str = "cpu", batch_size: int = 128, progress: bool = True) -> dict:
-    """Train domain extractor `name` on its dataset's train split; save it atomically; return its test accuracy.
+                     device: torch.device | str = "cpu", batch_size: int = 128, progress: bool = True,
+                     subset: int = 0) -> dict:
+    """Train domain extractor `name` on its dataset's train split (its first `subset` images; 0 = all, the recipe);
+    save it atomically; return its accuracy on the whole test split.
 
-    Returns {"name", "dataset", "path", "epochs", "seed", "test_accuracy", "seconds"}.
+    Returns {"name", "dataset", "path", "epochs", "seed", "subset", "test_accuracy", "seconds"}.
     """
     spec = domain_spec(name)
     epochs = spec.epochs if epochs is None else epochs
     out = Path(out) if out else extractor_path(name)
     device = torch.device(device)
-    x, y = load_images(DataConfig(name=spec.dataset, split="train"))
+    x, y = load_images(DataConfig(name=spec.dataset, split="train", subset=subset))
+    batch_size = min(batch_size, len(x))  # a subset smaller than one batch is one batch
     x_test, y_test = load_images(DataConfig(name=spec.dataset, split="test"))
     steps_per_epoch = len(x) // batch_size
     t0 = time.time()
@@ -170,7 +173,7 @@ def train_classifier(name: str, epochs: int | None = None, out: str | Path | Non
                     bar.advance(**({"note": f"loss {loss.item():.3f}"} if progress and step % 50 == 0 else {}))
     acc = accuracy(net, x_test, y_test, spec, device)
     info = {"name": name, "dataset": spec.dataset, "path": str(out), "epochs": epochs, "seed": seed,
-            "test_accuracy": acc, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
+            "subset": subset, "test_accuracy": acc, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
     _atomic_save(net.cpu().state_dict(), out, info)
     return info
 

@@ -1,0 +1,133 @@
+"""Every shipped sweep file (sweeps/*.yaml) builds its trial configs at each parameter's low and high (every
+choice of a categorical one); the make targets users type expand to the commands they document (`make -n`), and `make sweep` runs for real on a tiny sweep file (issue #25 item 5).
+
+`make sweep SMOKE=1` itself is not run here: its 6 trials of 60 steps took 443 s for the first trial alone on one
+busy CPU core, so the real run uses the same target with SWEEP= a 2-trial, 4-step file; `make -n sweep SMOKE=1`
+checks the command SMOKE=1 runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import helpers
+from conftest import ROOT, needs_mnist
+
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def _extremes(sweep):
+    """One params dict per (parameter, end): that parameter at its low, then its high (each choice of a categorical
+    one), the others at their low / first choice."""
+    def end(p, hi):
+        if p.kind == "categorical":
+            return p.choices[-1 if hi else 0]
+        v = p.high if hi else p.low
+        return int(v) if p.kind == "int" else v
+
+    base = {p.name: end(p, False) for p in sweep.space}
+    cases = []
+    for p in sweep.space:
+        values = list(p.choices) if p.kind == "categorical" else [end(p, False), end(p, True)]
+        cases += [(p, v, {**base, p.name: v}) for v in values]
+    return cases
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_trial_configs_at_every_parameters_ends_build(path):
+    from gancore.config import flat
+    from gancore.registry import FAMILIES
+    from gancore.sweep import load_sweep
+    from gancore.sweep.spec import trial_config
+
+    sweep = load_sweep(path)
+    cases = _extremes(sweep)
+    assert len(cases) >= 2 * len(sweep.space)
+    for p, value, params in cases:
+        cfg = trial_config(sweep, params, number=0)  # range checks of every key: a ConfigError fails here
+        got = flat(cfg, include_infra=True)
+        assert all(got[k] == value for k in p.keys), (p.name, value, {k: got[k] for k in p.keys})
+        c, h, _ = SHAPES[cfg.data.name]
+        side = cfg.data.image_size or h
+        torch.manual_seed(0)
+        fam = FAMILIES[cfg.family](cfg, (c, side, side), 10)
+        G = fam.networks[fam.generator_name]
+        with torch.no_grad():  # the GAN sweeps: one sample at this end of the range
+            x = G.eval()(torch.randn(2, cfg.model.nz), torch.zeros(2, dtype=torch.long) if cfg.model.conditional
+                         else None)
+        assert x.shape == (2, c, side, side), (p.name, value)
+
+
+def _make(*args, cwd=ROOT, timeout=60):
+    """`make ARGS` in the checkout with this interpreter standing in for the .venv (PY, and STAMP made up to date)."""
+    return helpers.run(["make", "--no-print-directory", *args], cwd=cwd, timeout=timeout, what=f"make {' '.join(args)}")
+
+
+@pytest.fixture
+def stamp(tmp_path):
+    s = tmp_path / "installed"
+    s.touch()
+    os.utime(s, (2**31, 2**31))  # newer than pyproject.toml: make does not reinstall
+    return [f"PY={sys.executable}", f"STAMP={s}"]
+
+
+@pytest.mark.parametrize("target, want", [
+    (["train"], "{py} jobs/train.py --config configs/quickstart.yaml"),
+    (["train", "CONFIG=configs/mnist_vae.yaml", "ARGS=train.epochs=1"],
+     "{py} jobs/train.py --config configs/mnist_vae.yaml train.epochs=1"),
+    (["test"], "{py} -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder"),
+    (["sweep", "SMOKE=1"], "{py} jobs/sweep.py sweeps/mnist_dcgan_smoke.yaml"),
+    (["sweep", "WORKERS=3", "ARGS=--n-trials 5"], "{py} jobs/sweep.py sweeps/mnist_dcgan.yaml --workers 3 --n-trials 5"),
+    (["reproduce", "SUITE=cifar10", "ARGS=--epochs 3"], "{py} jobs/reproduce.py cifar10 --epochs 3"),
+    (["dashboard", "SMOKE=1"], "{py} jobs/sweep.py sweeps/mnist_dcgan_smoke.yaml --dashboard --port 8080"),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else "")
+def test_make_targets_expand_to_their_commands(stamp, target, want):
+    p = _make("-n", *target, *stamp)
+    assert p.returncode == 0, p.stderr
+    assert " ".join(p.stdout.replace("\\\n", " ").split()) == want.format(py=sys.executable), p.stdout  # make -n keeps backslash-newlines
+
+
+@needs_mnist
+@pytest.mark.timeout(900)
+def test_make_sweep_runs_a_tiny_sweep_file(stamp, tmp_path):
+    """The `make sweep` target for real: SWEEP= a 2-trial sweep of 4-step quickstart runs, one worker, ARGS passed
+    through; the study then holds 2 complete trials whose values are their runs' last FID."""
+    import optuna
+
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(f"""study: tiny
+base: {ROOT / 'configs' / 'quickstart.yaml'}
+overrides:
+  data.subset: 128
+  optim.batch_size: 32
+  train.max_steps: 4
+  train.log_every: 2
+  train.checkpoint_every: 4
+  train.snapshot_epochs: [1]
+  train.loss_ranges: [[1, 1]]
+  train.grid_size: 16
+  track.image_every: 4
+  eval.every: 2
+  eval.n_samples: 100
+  eval.extractor: lenet_mnist
+  eval.metrics: [fid]
+objective: fid_lenet_100
+space:
+  optim.d_iters: {{type: int, low: 1, high: 2}}
+budget: {{n_trials: 2}}
+sampler: {{name: tpe, seed: 0, n_startup_trials: 2}}
+workers: 1
+""")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env_args = [f"SWEEP={sweep}", "WORKERS=1", f"ARGS=--out {tmp_path / 'sweeps'} --storage {storage}"]
+    p = helpers.run(["make", "--no-print-directory", "sweep", *env_args, *stamp], cwd=ROOT, timeout=840,
+                    what="make sweep (a tiny sweep file)", env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert (tmp_path / "sweeps" / "tiny" / "best.yaml").is_file()
