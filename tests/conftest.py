@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -160,6 +161,35 @@ def wait_ranks(procs: list, log_dir: Path, timeout: float = 240) -> list[int]:
     finally:
         for p in procs:
             helpers.stop(p, grace=0)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run with `n` intra-op threads, restored afterwards. One thread: the same kernels (the same bits) as the
+    subprocesses' OMP_NUM_THREADS=1, and tiny tensors gain nothing from more (on the shared 2-core CI box under load,
+    OpenMP spin-waits made test_family_diffusion.py take 170 s with 2 threads vs 24 s with 1, measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for this test (torch_threads)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op thread for a whole test file: `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from gancore.io import file_lock
 from gancore.metrics import classifier
 
 
-def test_a_waiting_process_finds_the_extractor_instead_of_training_it_again(monkeypatch, tmp_path):
-    monkeypatch.setenv("GANCORE_CACHE", str(tmp_path / "cache"))  # not the shared one, which holds the real file
+def _fake_trainer(monkeypatch) -> list[str]:
+    """train_classifier replaced by one that writes a file at once; returns the list of names it was called for."""
     calls = []
 
     def fake_train(name, out=None, device="cpu", **_):
@@ -21,6 +21,12 @@ def test_a_waiting_process_finds_the_extractor_instead_of_training_it_again(monk
         out.write_bytes(b"weights")
 
     monkeypatch.setattr(classifier, "train_classifier", fake_train)
+    return calls
+
+
+def test_a_waiting_process_finds_the_extractor_instead_of_training_it_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("GANCORE_CACHE", str(tmp_path / "cache"))  # not the shared one, which holds the real file
+    calls = _fake_trainer(monkeypatch)
     p = classifier.extractor_path("lenet_mnist")
     assert not p.exists()
     got = []
@@ -37,14 +43,7 @@ def test_a_waiting_process_finds_the_extractor_instead_of_training_it_again(monk
 
 def test_a_missing_extractor_is_trained_once(monkeypatch, tmp_path):
     monkeypatch.setenv("GANCORE_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def fake_train(name, out=None, device="cpu", **_):
-        calls.append(name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(b"weights")
-
-    monkeypatch.setattr(classifier, "train_classifier", fake_train)
+    calls = _fake_trainer(monkeypatch)
     assert classifier.ensure_classifier("lenet_mnist") == classifier.extractor_path("lenet_mnist")
     assert classifier.ensure_classifier("lenet_mnist") == classifier.extractor_path("lenet_mnist")
     assert calls == ["lenet_mnist"]

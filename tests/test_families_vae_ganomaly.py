@@ -18,6 +18,8 @@ from gancore.train.loop import fit
 from conftest import ROOT, needs_mnist, tiny
 from recompute import ganomaly_metrics_by_sklearn, first_test_images
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.torch_threads
+
 # small GANomaly networks so a CPU step takes milliseconds; the preset's 64/128/256 convs are shape-tested below
 SMALL_GANOMALY = ("model.ngf=8", "model.ndf=8", "model.nz=16", "ganomaly.test_subset=200")
 CONFIGS = {
@@ -27,14 +29,6 @@ CONFIGS = {
                                         config="configs/mnist_ganomaly.yaml"),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads make a step ~7x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _params(net):

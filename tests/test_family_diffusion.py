@@ -15,14 +15,8 @@ from gancore.registry import FAMILIES, MODELS
 from gancore.train.loop import fit
 from conftest import ROOT, needs_cifar, tiny
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on the shared 2-core CI box under load, OpenMP spin-waits
-    made this file take 170 s with 2 threads vs 24 s with 1 (measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.torch_threads
 
 
 TINY_UNET = ["model.arch=unet", "model.ngf=8", "diffusion.channel_mult=[1,2]", "diffusion.num_res_blocks=1"]

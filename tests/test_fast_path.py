@@ -187,13 +187,6 @@ def _diffs(a, b, path=""):
     return [] if a == b else [path]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @needs_mnist
 @pytest.mark.parametrize("name", list(FAMILY_RUNS))

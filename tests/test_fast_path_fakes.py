@@ -148,13 +148,6 @@ def fake_cuda(monkeypatch):
     yield seen
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _assert_same(a_path, b_path, keys=STATE_KEYS) -> tuple[dict, dict]:
     a, b = ckpt.load(a_path), ckpt.load(b_path)

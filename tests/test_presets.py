@@ -15,6 +15,8 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "folder": (3, 64, 64)}  # folder: RGB at its image_size
 B, K = 2, 10  # batch, classes
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.torch_threads
+
 
 def _forward_gan(fam, cfg, shape):
     G, D = fam.networks["G"], fam.networks["D"]
@@ -50,14 +52,6 @@ def _forward_denoiser_report(fam, cfg, shape):
 
 FORWARD = {"gan": _forward_gan, "ganomaly": _forward_ganomaly, "vae": _forward_vae, "diffusion": _forward_diffusion,
            "denoiser_report": _forward_denoiser_report}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_family_has_a_forward_check():
