@@ -17,6 +17,7 @@ from conftest import ROOT, launch_ranks, needs_mnist, state_diffs, wait_ranks
 from gancore.config import load_config
 from gancore.data import DeviceLoader
 from gancore.metrics import fidelity
+from gancore.train.rundir import RunDir
 from gancore.train import state as ckpt
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -138,7 +139,7 @@ def test_a_signal_stops_every_rank_at_one_step_and_the_resume_is_exact(tmp_path,
     # every rank stops, none is left in a collective; rank 0 carries the exit code (jobs/train.py says why)
     assert wait_ranks(procs, tmp_path, TIMEOUT) == [75, 0]
     stopped = ckpt.latest(run_dir)
-    step = int(stopped.name[5:13])
+    step = RunDir.step_of(stopped)
     assert step == 30, stopped  # the ranks agree on the step at their next agreement (every 10 steps)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == [first.name, stopped.name]
     log = (tmp_path / "rank0.log").read_text()

@@ -15,7 +15,7 @@ from gancore.families.base import StepContext
 from gancore.families.ganomaly import GANomaly, auroc
 from gancore.families.vae import VAE, kl_divergence
 from gancore.train.loop import fit
-from conftest import ROOT, needs_mnist, tiny
+from conftest import ROOT, needs_mnist, state_diffs, tiny
 from recompute import ganomaly_metrics_by_sklearn, first_test_images
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.torch_threads
@@ -28,7 +28,6 @@ CONFIGS = {
     "ganomaly_image_d": lambda *o: tiny(*SMALL_GANOMALY, "ganomaly.disc=image", "ganomaly.score=recon", *o,
                                         config="configs/mnist_ganomaly.yaml"),
 }
-
 
 
 def _params(net):
@@ -196,19 +195,6 @@ def test_auroc_separable_identical_and_ties():
 # Through the trainer: end-to-end, resume, generate
 
 
-def _states_equal(a, b, path=""):
-    if isinstance(a, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys"]
-        return [d for k in a for d in _states_equal(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)):
-        return [f"{path}: length"] if len(a) != len(b) else \
-            [d for i, (u, v) in enumerate(zip(a, b)) for d in _states_equal(u, v, f"{path}[{i}]")]
-    if torch.is_tensor(a):
-        return [] if torch.equal(a, b) else [path]
-    return [] if a == b else [path]
-
-
 FIGURES = {
     "vae": ["vae_reconstructions.png", "vae_latent.png", "vae_manifold.png", "vae_prior_samples.png"],
     "ganomaly": ["ganomaly_score_hist.png", "ganomaly_roc.png", "ganomaly_reconstructions.png"],
@@ -272,7 +258,7 @@ def test_resume_is_bit_identical(full_runs, tmp_path, name):
     assert resumed.status == "finished" and resumed.step == full.step
     a, b = ckpt.load(full.checkpoint), ckpt.load(resumed.checkpoint)
     for key in ("networks", "optimizers", "loader", "history", "step"):
-        assert _states_equal(a[key], b[key]) == [], key
+        assert state_diffs(a[key], b[key]) == [], key
     assert resumed.metrics == full.metrics
 
 

@@ -13,7 +13,7 @@ from gancore.families.base import Batch, StepContext
 from gancore.families.diffusion import Diffusion, GaussianDiffusion, ReportDenoiser, beta_schedule
 from gancore.registry import FAMILIES, MODELS
 from gancore.train.loop import fit
-from conftest import ROOT, needs_cifar, tiny
+from conftest import ROOT, needs_cifar, state_diffs, tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.torch_threads
@@ -38,21 +38,6 @@ def _randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _unet(cfg, shape=(3, 16, 16), classes=10):
     return MODELS["unet"](cfg.model, shape, classes, diffusion=cfg.diffusion)["denoiser"]
-
-
-def _states_equal(a, b, path: str = "") -> list[str]:
-    """Every tensor/number in two nested state dicts, compared exactly; returns the differing paths."""
-    if isinstance(a, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in _states_equal(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path}: length"]
-        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _states_equal(u, v, f"{path}[{i}]")]
-    if torch.is_tensor(a):
-        return [] if torch.equal(a, b) else [path]
-    return [] if a == b else [path]
 
 
 # -- networks ------------------------------------------------------------------------------------------------------
@@ -221,7 +206,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed.status == "finished" and resumed.step == full.step == 12
     a, b = ckpt.load(full.checkpoint), ckpt.load(resumed.checkpoint)
     for key in ("networks", "optimizers", "ema", "loader", "history", "step"):
-        assert _states_equal(a[key], b[key]) == [], key
+        assert state_diffs(a[key], b[key]) == [], key
     assert a["history"]["Loss/mse"] == b["history"]["Loss/mse"]
 
 

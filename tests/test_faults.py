@@ -66,7 +66,8 @@ def reference(tmp_path_factory):
 
 
 def _step(p: Path | None) -> int:
-    return int(p.name[5:13]) if p is not None else 0
+    """The step of a step checkpoint, 0 for none yet."""
+    return RunDir.step_of(p) if p is not None else 0
 
 
 def _killed_session(cmd: list[str], env: dict, log: Path, until, what: str, extra: float = 0.0) -> None:
