@@ -232,10 +232,10 @@ def check_names(cfg: Config) -> None:
 
     Runs after every other check, since asking the owner imports it (torch): a config wrong in another way still
     fails in a blink. A key's default is not asked: tests/test_config.py checks each default against its owner."""
-    for key, declared in declarations().items():
-        val = functools.reduce(getattr, key.split("."), cfg)
+    for dotted, declared in declarations().items():
+        val = functools.reduce(getattr, dotted.split("."), cfg)
         if owned(declared.metadata) and val != declared.default:
-            check_owned(key, declared.metadata, val)
+            check_owned(dotted, declared.metadata, val)
 
 
 def check_relations(cfg: Config) -> None:

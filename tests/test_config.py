@@ -214,6 +214,6 @@ def test_a_bad_config_fails_without_importing_torch():
             "for o in ['optim.batch_size=0', 'model.batchnorm=x', 'vae.bta=1', 'diffusion.timesteps=0']:\n"
             "    try:\n        load_config(None, ['model.arch=dcgn', o])\n    except ConfigError as e:\n"
             "        print(str(e).split(' ')[0])\nprint('torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = helpers.run([sys.executable, "-c", code], timeout=60, cwd=ROOT, what="loading bad configs without torch")
     assert r.stdout.split() == ["optim.batch_size=0", "model.batchnorm:", "unknown", "diffusion.timesteps=0",
                                 "False"], r.stderr

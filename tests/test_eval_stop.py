@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import helpers
-import pytest
 import torch
 
 from gancore.config import load_config

@@ -258,7 +258,6 @@ def test_loss_names_come_from_the_registry():
 
 
 def test_train_help_lists_the_registered_losses():
-    import subprocess
     import sys
 
     from conftest import ROOT

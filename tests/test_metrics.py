@@ -6,7 +6,6 @@ the one Inception test uses 20 images and only runs where the FID Inception weig
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

@@ -3,7 +3,6 @@
 import sys
 
 import helpers
-import pytest
 
 from gancore.metrics import degenerate
 from conftest import ROOT, needs_mnist

@@ -62,7 +62,6 @@ def test_resumed_run_keeps_one_run_id_and_no_duplicate_steps(tmp_path):
 
 def test_metrics_during_training_and_eval_job(tmp_path):
     """eval.every -> fid_* by step in MLflow, best-FID checkpoint kept; jobs/eval.py logs into the same run."""
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -110,7 +109,6 @@ def test_unreachable_server_fails_before_writing_anything(tmp_path):
 def test_quickstart_logs_sample_quality_by_step_and_ends_its_summary_with_it(tmp_path):
     """`make train` as a new user runs it (the quickstart preset, its own eval settings), shortened to 200 steps:
     domain FID/KID/IS on 1,000 samples at steps 100 and 200 in MLflow, FID falling, the summary's last lines."""
-    import subprocess
     import sys
 
     from conftest import ROOT
