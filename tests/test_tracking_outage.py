@@ -197,7 +197,9 @@ def test_server_away_for_seconds_run_trains_on_and_mlflow_has_everything(server,
     got = _assert_everything_in_mlflow(server.url, run_id, run_dir)
     # the training did not wait for the server: steps were logged (timestamped) while it was away
     away = [s for s, _, ts in got["Loss/D"] if int(down * 1000) <= ts <= int(up_started * 1000)]  # ms, as logged
-    assert away == list(range(HOLD_AT, TOTAL + 1)), away
+    # every step from the held one to the end; steps before it may be among them too (the server is stopped once
+    # MLflow shows the first value, which can be before the run reaches its held step)
+    assert away and away == list(range(away[0], TOTAL + 1)) and away[0] <= HOLD_AT, away
     assert not (run_dir / "tracking_outbox").exists()  # everything delivered: nothing kept
 
 
