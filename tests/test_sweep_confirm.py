@@ -3,6 +3,7 @@ the best of its evaluations, and `--confirm` retrains the winner on fresh seeds 
 generator per run whose re-measurement gives the table's number, and summarises mean ± sd by hand-checkable rules."""
 
 import csv
+import shutil
 import statistics
 
 import helpers
@@ -128,3 +129,33 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     again = finish(cli(str(path), "--confirm", cwd=tmp_path))  # everything finished and measured: nothing retrained
     assert "training" not in again
     assert list(csv.DictReader(open(tmp_path / "results" / "tinybudget_confirm.csv"))) == rows
+    assert [r["trial"] for r in rows] == [str(best.number)] * 2 + [""] * 2
+
+    # a fresh clone: the committed table, generator files and study, but no run directories and no MLflow store.
+    # Every row is kept, nothing is trained again; a row whose measurement is missing (interrupted on the machine
+    # that trained it) gets it from its committed file, the same number as measured there
+    shutil.rmtree(runs)
+    shutil.rmtree(tmp_path / "mlruns")
+    table = tmp_path / "results" / "tinybudget_confirm.csv"
+    cut = [dict(r) for r in rows]
+    cut[3]["fid_lenet_200_train"] = ""
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(cut)
+    fresh = finish(cli(str(path), "--confirm", cwd=tmp_path))
+    assert "training" not in fresh and fresh.count("kept, not trained again") == 4
+    assert fresh.count("fid_lenet_200_train of baseline_seed2.pt") == 1 and "of baseline_seed1.pt" not in fresh
+    assert list(csv.DictReader(open(tmp_path / "results" / "tinybudget_confirm.csv"))) == rows
+    assert (tmp_path / "results" / "tinybudget_confirm.md").read_text() == md
+    assert not runs.exists()
+
+    # winner rows of another trial (the search went on and found a new best): refused in one line, nothing written
+    text = table.read_text()
+    table.write_text(text.replace(f"winner,{best.number},", f"winner,{best.number + 100},"))
+    changed = table.read_text()
+    assert changed != text
+    other = cli(str(path), "--confirm", cwd=tmp_path)
+    other_out, _ = helpers.finish(other, timeout=120, what="--confirm with another trial's winner rows")
+    assert other.returncode == 2 and f"its winner rows are trial {best.number + 100}'s" in other_out
+    assert table.read_text() == changed and not runs.exists()

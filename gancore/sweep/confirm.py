@@ -2,7 +2,8 @@
 beside a baseline preset trained and measured the same way. `python jobs/sweep.py SWEEP --confirm`.
 
 For each run (winner x confirm.seeds, baseline x confirm.baseline_seeds): train it in <sweep dir>/confirm/<role>_seed<s>
-(resumable: `--resume auto`; a finished run is reused), write its best checkpoint's sampling weights as a small file
+(resumable: `--resume auto`; a finished run is reused; a run whose row and generator file are committed is kept
+as it is, so a fresh clone continues the confirmation instead of starting it again), write its best checkpoint's sampling weights as a small file
 under results/generators/<study>/ (once: an existing file is never replaced), measure that file with the final
 extractor against the final real split (and against the training images, beside it), and rewrite the table
 results/<study>_confirm.md/.csv after every run, so an interrupted confirmation keeps what it measured. The table
@@ -23,7 +24,7 @@ from gancore.experiments.reproduce import Plan, _csv, _fmt, earlier_rows, finish
 from gancore.sweep.spec import Sweep, trial_config
 
 STOPPED = 75  # the exit code of a stop signal (the trainer checkpointed; run the same command to continue)
-COLUMNS = ["experiment", "role", "seed", "final_fid", "final_fid_train", "fid_best", "best_images", "images",
+COLUMNS = ["experiment", "role", "trial", "seed", "final_fid", "final_fid_train", "fid_best", "best_images", "images",
            "steps", "wall_min", "device", "commit", "generator", "run_id"]
 
 
@@ -94,43 +95,105 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
     progress(f"confirm {sweep.study}: trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed) "
              f"on seeds {list(c.seeds)}, beside {c.baseline.stem if c.baseline else 'no baseline'}; "
              f"{len(selected)} run(s) here ({', '.join(f'{p.label}: {p.steps} steps' for p in selected)})")
+    kept = committed_rows(sweep, todo, best.number)
     for i, p in enumerate(selected, 1):
+        say = lambda m, i=i, p=p: progress(f"[{i}/{len(selected)}] {p.label}: {m}")  # noqa: E731
+        if p.label in kept and not finished_run(p):
+            say(f"trained, its generator {kept[p.label]['generator']} committed; kept, not trained again "
+                "(delete its row to retrain it)")
+            measure_committed(sweep, p, kept[p.label], say, lambda: write_table(sweep, todo, best, left, kept))
+            continue
         if not finished_run(p):
-            progress(f"[{i}/{len(selected)}] {p.label}: training {p.steps} steps in {p.run_dir}")
+            say(f"training {p.steps} steps in {p.run_dir}")
             r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.confirm": sweep.study,
                                                               "optuna.trial": str(best.number)})
             if r.status != "finished":
-                write_table(sweep, todo, best, left)
+                write_table(sweep, todo, best, left, kept)
                 return STOPPED
-        measure(sweep, p, lambda m, i=i, p=p: progress(f"[{i}/{len(selected)}] {p.label}: {m}"))
-        write_table(sweep, todo, best, left)
+        measure(sweep, p, say, lambda: write_table(sweep, todo, best, left, kept))
+        write_table(sweep, todo, best, left, kept)
     progress(f"confirm {sweep.study}: wrote {c.results / (sweep.study + '_confirm.md')}")
     return 0
 
 
-def measure(sweep: Sweep, p: Plan, progress: Any = print) -> None:
-    """The run's best checkpoint as a small committed file, measured with the final extractor on that file (against
-    the final split, then the training images), each logged into the run; skipped when already measured."""
+def committed_rows(sweep: Sweep, todo: list[Plan], best: int) -> dict[str, dict[str, Any]]:
+    """The committed table's rows whose generator file is committed, by label: on a fresh clone, whose run
+    directories and MLflow store are gone, such a run is not trained again; its file is measured where the row lacks
+    a final FID (measure_committed), and write_table keeps the row. Winner rows of another trial than the `best`
+    one are refused in one line (their generator files would otherwise be taken for the new winner's)."""
+    c = _needs_confirm(sweep)
+    table = c.results / f"{sweep.study}_confirm.csv"
+    out = {}
+    for r in earlier_rows(table, _columns(sweep, todo[0]), set()):
+        if r.get("role") == "winner" and r.get("trial") not in (None, best):
+            raise SweepError(f"{table}: its winner rows are trial {r['trial']}'s, the search's best is now trial "
+                             f"{best}; move that table and results/generators/{sweep.study}/winner_* aside to "
+                             "confirm the new winner")
+        if r.get("generator") and (c.results.parent / r["generator"]).is_file():
+            out[r["experiment"]] = r
+    return out
+
+
+def _finals(sweep: Sweep) -> dict[str, list[str]]:
+    """The final splits and the row fields each fills: the final split, then the training images."""
+    c = _needs_confirm(sweep)
+    out: dict[str, list[str]] = {}
+    for split, field in ((c.real_split, "final_fid"), ("train", "final_fid_train")):
+        out.setdefault(split, []).append(field)
+    return out
+
+
+def export(sweep: Sweep, p: Plan, progress: Any = print) -> Path:
+    """The run's best checkpoint as a small sampling-only file under results/generators/ (once: never replaced)."""
     import torch
 
-    from gancore.evaluation import evaluate_checkpoint
     from gancore.io import atomic_write
     from gancore.train import state as ckpt
 
-    c = _needs_confirm(sweep)
     out = generator_file(sweep, p)
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         small = ckpt.sampling_only(ckpt.load(ckpt.checkpoint_file(p.run_dir)), small=True)
         atomic_write(out, lambda fh: torch.save(small, fh))
         progress(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, step {small['step']})")
+    return out
+
+
+def measure(sweep: Sweep, p: Plan, progress: Any = print, written: Any = lambda: None) -> None:
+    """Export the run's generator file and measure it with the final extractor (against the final split, then the
+    training images), each logged into the run; skipped when already measured. `written` runs after the export
+    and after each measurement (the table is rewritten there, so an interruption keeps what was measured)."""
+    from gancore.evaluation import evaluate_checkpoint
+
+    c = _needs_confirm(sweep)
+    out = export(sweep, p, progress)
+    written()
     have = _run_metrics(p)
-    for split in dict.fromkeys((c.real_split, "train")):
+    for split in _finals(sweep):
         key = _final_key(p, c.extractor, split)
         if key not in have:
             progress(f"{key} of {out.name}")
             evaluate_checkpoint(str(out), n=p.cfg.eval.n_samples, extractor=c.extractor, uri=p.cfg.track.uri,
                                 real_split=split)
+            written()
+
+
+def measure_committed(sweep: Sweep, p: Plan, r: dict[str, Any], progress: Any, written: Any) -> None:
+    """A kept row (committed generator, no run here): measure the file where the row lacks a final FID, without
+    logging (its MLflow run may be gone), into the row."""
+    from gancore.evaluation import evaluate_checkpoint
+
+    c = _needs_confirm(sweep)
+    gen = c.results.parent / r["generator"]
+    for split, fields in _finals(sweep).items():
+        if all(isinstance(r.get(f), float) and math.isfinite(r[f]) for f in fields):
+            continue
+        key = _final_key(p, c.extractor, split)
+        progress(f"{key} of {gen.name}")
+        values, _ = evaluate_checkpoint(str(gen), n=p.cfg.eval.n_samples, extractor=c.extractor, log=False,
+                                        real_split=split)
+        r.update({f: values[key] for f in fields})
+        written()
 
 
 def _final_key(p: Plan, extractor: str, split: str) -> str:
@@ -160,7 +223,8 @@ def row(sweep: Sweep, p: Plan, run_id: str) -> dict[str, Any]:
     per_step = p.images_per_step
     gen = generator_file(sweep, p)
     return {
-        "experiment": p.label, "role": "winner" if p.preset == "winner" else "baseline", "seed": p.cfg.train.seed,
+        "experiment": p.label, "role": "winner" if p.preset == "winner" else "baseline",
+        "trial": run.data.tags.get("optuna.trial") if p.preset == "winner" else None, "seed": p.cfg.train.seed,
         "final_fid": run.data.metrics.get(_final_key(p, c.extractor, c.real_split)),
         "final_fid_train": run.data.metrics.get(_final_key(p, c.extractor, "train")),
         "fid_best": base["fid_best"], "best_images": base["fid_best_step"] * per_step if base["fid_best_step"] else None,
@@ -203,17 +267,22 @@ def summary(rows: list[dict[str, Any]], anchor: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0) -> list[dict[str, Any]]:
-    """results/<study>_confirm.csv and .md: the measured rows (kept from an earlier table when not measured here),
-    the open ones, and the summary."""
+def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0,
+                kept: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """results/<study>_confirm.csv and .md: the measured rows (kept from an earlier table when not measured here,
+    `kept`: committed rows measured further here), the open ones, and the summary; rows in the plan's order."""
     from gancore.io import atomic_write
 
     c = _needs_confirm(sweep)
     name = f"{sweep.study}_confirm"
     c.results.mkdir(parents=True, exist_ok=True)
     cols = _columns(sweep, todo[0])
+    heads = dict(cols)
     rows = [row(sweep, p, run_id) for p in todo if (run_id := finished_run(p))]
+    rows += [r for label, r in (kept or {}).items() if label not in {r["experiment"] for r in rows}]
     rows += earlier_rows(c.results / f"{name}.csv", cols, {r["experiment"] for r in rows})
+    order = {p.label: i for i, p in enumerate(todo)}
+    rows.sort(key=lambda r: order.get(r["experiment"], len(order)))
     atomic_write(c.results / f"{name}.csv", _csv(rows, cols))
     done = {r["experiment"] for r in rows}
     p0 = todo[0]
@@ -225,12 +294,12 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0)
              search + f"at the full budget "
              f"({p0.cfg.train.max_images or '-'} real images shown to D), beside the baseline preset "
              f"{c.baseline.stem if c.baseline else '-'} trained the same way. Each run keeps the checkpoint with the "
-             f"best {cols[5][1].split()[1]} against the {p0.cfg.eval.real_split} images (evaluated every "
+             f"best {heads['fid_best'].split()[1]} against the {p0.cfg.eval.real_split} images (evaluated every "
              f"{p0.cfg.eval.every_images or p0.cfg.eval.every} {'images' if p0.cfg.eval.every_images else 'steps'}); "
              f"that checkpoint's sampling weights (EMA when on, float16) are the committed generator file, and "
-             f"`{cols[3][1]}` is measured on that file against the {c.real_split} images "
+             f"`{heads['final_fid']}` is measured on that file against the {c.real_split} images "
              f"(`python jobs/eval.py FILE --extractor {c.extractor} -n {p0.cfg.eval.n_samples} --real-split "
-             f"{c.real_split}`); `{cols[4][1]}` is the same file against the training images.", "",
+             f"{c.real_split}`); `{heads['final_fid_train']}` is the same file against the training images.", "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
     lines += [f"| {p.label} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in todo if p.label not in done]
