@@ -18,7 +18,7 @@ import helpers
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, needs_mnist, needs_pg
+from conftest import ROOT, needs_mnist, needs_pg, state_diffs
 from mlflow.tracking import MlflowClient
 
 from gancore import sweep as sw
@@ -34,14 +34,15 @@ SPACE = {
 PG_URL = os.environ.get("GANCORE_TEST_PG_URL")
 
 
-def sweep_file(tmp_path: Path, study: str, n_trials: int, storage: dict | None = None) -> Path:
-    """A tiny MNIST sweep: STEPS steps of batch 32, a checkpoint every EVERY steps, domain FID at the end only."""
+def sweep_file(tmp_path: Path, study: str, n_trials: int, storage: dict | None = None, eval_every: int = STEPS) -> Path:
+    """A tiny MNIST sweep: STEPS steps of batch 32, a checkpoint every EVERY steps, domain FID every `eval_every`
+    steps (at the end only by default)."""
     overrides = {
         "data.subset": 32 * STEPS, "optim.batch_size": 32, "model.ngf": 16, "model.ndf": 16,
         "train.max_steps": STEPS, "train.log_every": EVERY, "train.checkpoint_every": EVERY,
         "train.snapshot_epochs": [1], "train.loss_ranges": [[1, 1]], "train.grid_size": 16,
         "track.image_every": STEPS, "track.uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-        "track.experiment": "sweeps", "eval.every": STEPS, "eval.n_samples": 200, "eval.extractor": "lenet_mnist",
+        "track.experiment": "sweeps", "eval.every": eval_every, "eval.n_samples": 200, "eval.extractor": "lenet_mnist",
     }
     d = {"study": study, "base": str(ROOT / "configs" / "quickstart.yaml"), "overrides": overrides, "objective": OBJ,
          "space": SPACE, "budget": {"n_trials": n_trials}, "sampler": {"name": "tpe", "seed": 0},
@@ -151,6 +152,38 @@ def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
     assert f"re-queued trial(s) {killed} of dead worker(s)" in out and "started worker 2 in place of" in out
     assert "stopped by SIGTERM" not in out  # the other worker was left alone
     assert_nothing_lost(sweep, 3, killed, killed_at)
+
+
+@needs_mnist
+@pytest.mark.timeout(600)  # two sweeps of one 20-step trial, one of them killed and continued: minutes when loaded
+def test_a_killed_trial_that_evaluates_continues_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """A trial with evaluations during training (the presets' way: FID every EVERY steps, reported to the pruner)
+    SIGKILLed between its first and last checkpoint, re-queued and continued by a new worker (which builds its
+    extractor at another step than the uninterrupted trial): the same reported values at every step, the same
+    objective and the same final networks, every bit, as the same trial run without a kill."""
+    ref_sweep = load_sweep(sweep_file(tmp_path, "whole", n_trials=1, eval_every=EVERY))
+    out, _ = helpers.finish(popen([str(ROOT / "jobs" / "sweep.py"), str(ref_sweep.path)], tmp_path), timeout=300,
+                            what="the uninterrupted sweep")
+    (ref,) = trials(ref_sweep)
+    assert ref.state.name == "COMPLETE", out[-3000:]
+    assert sorted(ref.intermediate_values) == list(range(EVERY, STEPS + 1, EVERY))
+
+    sweep = load_sweep(sweep_file(tmp_path, "killed1", n_trials=1, eval_every=EVERY))
+    p = popen([str(ROOT / "jobs" / "sweep.py"), str(sweep.path)], tmp_path)
+    try:
+        killed, _, killed_at = kill_after_first_checkpoint(sweep, [p], parent=p.pid)
+        out, _ = helpers.finish(p, timeout=300, what="the sweep after its worker was killed")
+    finally:
+        helpers.stop(p, grace=0)
+    assert p.returncode == 0, out[-3000:]
+    assert_nothing_lost(sweep, 1, killed, killed_at)
+    (copy,) = [t for t in trials(sweep) if t.state.name == "COMPLETE"]
+    assert copy.params == ref.params  # the same seeded sampler: the same configuration
+    assert copy.intermediate_values == ref.intermediate_values and copy.value == ref.value
+    a = ckpt.load(ckpt.latest(Path(copy.user_attrs["gancore.run_dir"])))
+    b = ckpt.load(ckpt.latest(Path(ref.user_attrs["gancore.run_dir"])))
+    assert a["step"] == b["step"] == STEPS
+    assert state_diffs(a["networks"], b["networks"]) == [] and state_diffs(a["optimizers"], b["optimizers"]) == []
 
 
 REMOTE = """import runpy, socket, sys
