@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 GANCORE_DATA ?= $(if $(wildcard ../shared/data/mnist.npz),$(abspath ../shared/data),$(abspath data))
 export GANCORE_DATA
 CONFIG ?= configs/quickstart.yaml
-# ARGS: extra arguments for every target (train, reproduce, sweep); REPRO_ARGS / SWEEP_ARGS are deprecated aliases.
+# ARGS: extra arguments for every target that runs a command (train, test, test-fast, ui, reproduce, sweep,
+# dashboard); PYTEST_ARGS, REPRO_ARGS and SWEEP_ARGS are deprecated aliases.
 ARGS ?=
 PORT ?= 5000
 
@@ -27,15 +28,15 @@ train: $(STAMP)  ## the main job: configs/quickstart.yaml (MNIST DCGAN, a few mi
 
 TEST_WORKERS ?= 2
 test: $(STAMP)  ## the whole suite (CPU) on TEST_WORKERS processes (0: one process); .ci/run calls this
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" $(PYTEST_ARGS) $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1 over the default store (mlruns/)
 	mkdir -p mlruns/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db) \
-		--artifacts-destination $(abspath mlruns/artifacts) --host 127.0.0.1 --port $(PORT)
+		--artifacts-destination $(abspath mlruns/artifacts) --host 127.0.0.1 --port $(PORT) $(ARGS)
 
 clean-runs:  ## delete local runs and the MLflow store (asks first)
 	@read -p "delete runs/ and mlruns/ ? [y/N] " a && [ "$$a" = y ] && rm -rf runs mlruns/mlflow.db mlruns/artifacts || true
@@ -69,4 +70,4 @@ STORAGE ?=
 
 dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1 (SWEEP=file SMOKE=1 STORAGE=URL PORT=n)
 	$(PY) jobs/sweep.py $(if $(SMOKE),sweeps/mnist_dcgan_smoke.yaml,$(SWEEP)) --dashboard \
-		--port $(if $(filter file,$(origin PORT)),8080,$(PORT)) $(if $(STORAGE),--storage '$(STORAGE)')
+		--port $(if $(filter file,$(origin PORT)),8080,$(PORT)) $(if $(STORAGE),--storage '$(STORAGE)') $(ARGS)

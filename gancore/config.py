@@ -4,8 +4,8 @@ A run's configuration is a tree of frozen dataclasses: the sections below, and t
 diffusion), declared beside their families (gancore/families/*_config.py) and composed into `Config` here. Each key
 is one line: its type (the annotation), its default and what a value must satisfy (a range, choices or a registry),
 through gancore/options.py's `key(...)`. Fields marked `infra(...)` are infrastructure (paths, intervals, workers):
-they never change the result, so they are not logged as MLflow params and may differ between a run and its resume
-(shared/STYLE.md #5). Presets in configs/*.yaml override defaults (a preset may name a `base:` preset it extends),
+they never change the result, so they are not logged as MLflow params and may differ between a run and its resume.
+Presets in configs/*.yaml override defaults (a preset may name a `base:` preset it extends),
 and dotted `key=value` overrides on the command line come last. Unknown keys and bad values are one-line errors
 that name the key and the closest valid ones or the allowed values.
 """

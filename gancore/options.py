@@ -85,7 +85,7 @@ def key(default: Any, within: Range | None = None, *, choices: Choices | None = 
 
     within: the allowed range of a number; choices: the allowed values, or `asked(...)` for names another module
     owns; registry: a gancore.registry Registry the value must name; infra: infrastructure (never changes the
-    result: not an MLflow param, may differ on resume; shared/STYLE.md #5)."""
+    result: not an MLflow param, may differ on resume)."""
     meta = {"infra": infra, "range": within, "choices": choices, "registry": registry}
     return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, False)})
 

@@ -84,6 +84,11 @@ def stamp(tmp_path):
     (["sweep", "WORKERS=3", "ARGS=--n-trials 5"], "{py} jobs/sweep.py sweeps/mnist_dcgan.yaml --workers 3 --n-trials 5"),
     (["reproduce", "SUITE=cifar10", "ARGS=--epochs 3"], "{py} jobs/reproduce.py cifar10 --epochs 3"),
     (["dashboard", "SMOKE=1"], "{py} jobs/sweep.py sweeps/mnist_dcgan_smoke.yaml --dashboard --port 8080"),
+    # ARGS reaches every target that runs a command (it was silently dropped by test, test-fast, ui and dashboard)
+    (["test", "ARGS=-x -k sweep"], "{py} -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder -x -k sweep"),
+    (["test-fast", "ARGS=-x"], '{py} -m pytest -q -ra -n 2 --dist loadfile -m "not slow and not slurm" -x'),
+    (["dashboard", "SMOKE=1", "ARGS=--storage sqlite:///s.db"],
+     "{py} jobs/sweep.py sweeps/mnist_dcgan_smoke.yaml --dashboard --port 8080 --storage sqlite:///s.db"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else "")
 def test_make_targets_expand_to_their_commands(stamp, target, want):
     p = _make("-n", *target, *stamp)

@@ -415,7 +415,7 @@ def evaluate(cfg: Config, sample_uint8: Callable[[int], torch.Tensor], device: t
     if want_is and not extractors.has_classifier(fe):
         want_is = False
         extractors.notice("is_inception skipped: these Inception weights have no classification layer (offline "
-                          "build, see shared/weights/README.md); FID/KID/PR are unaffected")
+                          "build of the FID weights); FID/KID/PR are unaffected")
     feat_layer, is_layer = extractors.layers(fe)
     if resumable is not None:
         chunk_sampler, folder = resumable

@@ -83,16 +83,17 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     CheckpointError naming the file, the cause and the last good checkpoint (the run stops there).
     """
     path = Path(path)
-    out: list[_KeepWriteError] = []
+    kept: _KeepWriteError | None = None
 
     def write(fh: Any) -> None:
-        out.append(_KeepWriteError(fh))
-        torch.save(state, out[0])
+        nonlocal kept
+        kept = _KeepWriteError(fh)
+        torch.save(state, kept)
 
     try:
         return atomic_write(path, write)
     except (OSError, RuntimeError) as e:
-        cause = out[0].error if out and out[0].error is not None else e
+        cause = kept.error if kept is not None and kept.error is not None else e
         if not isinstance(cause, OSError):
             raise  # not a write failure: a bug, keep its traceback
         reason = f"{type(cause).__name__}: {cause.strerror or cause}".replace("\n", " ")
