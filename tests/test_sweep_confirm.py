@@ -99,6 +99,8 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     assert early.returncode == 2 and "the search has 1 trial(s) left" in early_out
     out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)
     assert f"trial {best.number}" in out
+    tests, trains = (out.count(f"{OBJ}_{s} of ") for s in ("test", "train"))
+    assert tests == trains == 4 and out.rindex(f"{OBJ}_test of ") < out.index(f"{OBJ}_train of ")  # the final split first
     with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["role"], r["seed"]) for r in rows] == [("winner", "1"), ("winner", "2"), ("baseline", "1"),

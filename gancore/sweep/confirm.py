@@ -3,9 +3,10 @@ beside a baseline preset trained and measured the same way. `python jobs/sweep.p
 
 For each run (winner x confirm.seeds, baseline x confirm.baseline_seeds): train it in <sweep dir>/confirm/<role>_seed<s>
 (resumable: `--resume auto`; a finished run is reused; a run whose row and generator file are committed is kept
-as it is, so a fresh clone continues the confirmation instead of starting it again), write its best checkpoint's sampling weights as a small file
-under results/generators/<study>/ (once: an existing file is never replaced), measure that file with the final
-extractor against the final real split (and against the training images, beside it), and rewrite the table
+as it is, so a fresh clone continues the confirmation instead of starting it again), write its best checkpoint's
+sampling weights as a small file under results/generators/<study>/ (once: an existing file is never replaced),
+measure that file with the final extractor against the final real split (every run first), then against the
+training images, beside it, and rewrite the table
 results/<study>_confirm.md/.csv after every run, so an interrupted confirmation keeps what it measured. The table
 ends with mean ± sd per role, their difference, and whether it exceeds the seed-to-seed spread (the sum of the two
 sds); a tuned number from the search's own seed never appears in it.
@@ -96,22 +97,27 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
              f"on seeds {list(c.seeds)}, beside {c.baseline.stem if c.baseline else 'no baseline'}; "
              f"{len(selected)} run(s) here ({', '.join(f'{p.label}: {p.steps} steps' for p in selected)})")
     kept = committed_rows(sweep, todo, best.number)
-    for i, p in enumerate(selected, 1):
-        say = lambda m, i=i, p=p: progress(f"[{i}/{len(selected)}] {p.label}: {m}")  # noqa: E731
-        if p.label in kept and not finished_run(p):
-            say(f"trained, its generator {kept[p.label]['generator']} committed; kept, not trained again "
-                "(delete its row to retrain it)")
-            measure_committed(sweep, p, kept[p.label], say, lambda: write_table(sweep, todo, best, left, kept))
-            continue
-        if not finished_run(p):
-            say(f"training {p.steps} steps in {p.run_dir}")
-            r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.confirm": sweep.study,
-                                                              "optuna.trial": str(best.number)})
-            if r.status != "finished":
-                write_table(sweep, todo, best, left, kept)
-                return STOPPED
-        measure(sweep, p, say, lambda: write_table(sweep, todo, best, left, kept))
-        write_table(sweep, todo, best, left, kept)
+    write = lambda: write_table(sweep, todo, best, left, kept)  # noqa: E731
+    # two passes: every run trained and measured against the final split (the table's number) first, then every
+    # run against the training images, so the numbers that matter most are measured first
+    for n_pass, splits in enumerate([[s] for s in _finals(sweep)]):
+        for i, p in enumerate(selected, 1):
+            say = lambda m, i=i, p=p: progress(f"[{i}/{len(selected)}] {p.label}: {m}")  # noqa: E731
+            if p.label in kept and not finished_run(p):
+                if n_pass == 0:
+                    say(f"trained, its generator {kept[p.label]['generator']} committed; kept, not trained again "
+                        "(delete its row to retrain it)")
+                measure_committed(sweep, p, kept[p.label], say, write, splits)
+                continue
+            if not finished_run(p):
+                say(f"training {p.steps} steps in {p.run_dir}")
+                r = fit(p.cfg, out=p.run_dir, resume="auto", tags={"gancore.confirm": sweep.study,
+                                                                  "optuna.trial": str(best.number)})
+                if r.status != "finished":
+                    write()
+                    return STOPPED
+            measure(sweep, p, say, write, splits)
+            write()
     progress(f"confirm {sweep.study}: wrote {c.results / (sweep.study + '_confirm.md')}")
     return 0
 
@@ -159,7 +165,8 @@ def export(sweep: Sweep, p: Plan, progress: Any = print) -> Path:
     return out
 
 
-def measure(sweep: Sweep, p: Plan, progress: Any = print, written: Any = lambda: None) -> None:
+def measure(sweep: Sweep, p: Plan, progress: Any = print, written: Any = lambda: None,
+            splits: list[str] | None = None) -> None:
     """Export the run's generator file and measure it with the final extractor (against the final split, then the
     training images), each logged into the run; skipped when already measured. `written` runs after the export
     and after each measurement (the table is rewritten there, so an interruption keeps what was measured)."""
@@ -169,7 +176,7 @@ def measure(sweep: Sweep, p: Plan, progress: Any = print, written: Any = lambda:
     out = export(sweep, p, progress)
     written()
     have = _run_metrics(p)
-    for split in _finals(sweep):
+    for split in splits or _finals(sweep):
         key = _final_key(p, c.extractor, split)
         if key not in have:
             progress(f"{key} of {out.name}")
@@ -178,7 +185,8 @@ def measure(sweep: Sweep, p: Plan, progress: Any = print, written: Any = lambda:
             written()
 
 
-def measure_committed(sweep: Sweep, p: Plan, r: dict[str, Any], progress: Any, written: Any) -> None:
+def measure_committed(sweep: Sweep, p: Plan, r: dict[str, Any], progress: Any, written: Any,
+                      splits: list[str] | None = None) -> None:
     """A kept row (committed generator, no run here): measure the file where the row lacks a final FID, without
     logging (its MLflow run may be gone), into the row."""
     from gancore.evaluation import evaluate_checkpoint
@@ -186,7 +194,8 @@ def measure_committed(sweep: Sweep, p: Plan, r: dict[str, Any], progress: Any, w
     c = _needs_confirm(sweep)
     gen = c.results.parent / r["generator"]
     for split, fields in _finals(sweep).items():
-        if all(isinstance(r.get(f), float) and math.isfinite(r[f]) for f in fields):
+        done = all(isinstance(r.get(f), float) and math.isfinite(r[f]) for f in fields)
+        if done or split not in (splits or [split]):
             continue
         key = _final_key(p, c.extractor, split)
         progress(f"{key} of {gen.name}")
