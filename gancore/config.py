@@ -32,12 +32,14 @@ from gancore.options import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Range
 from gancore.registry import DATASETS, FAMILIES, LOSSES, MODELS
 
 
+SPLITS = ("train", "test")  # a data set's splits: data.split, and the named references of eval.real_split
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = key("mnist", registry=DATASETS)  # gancore/data.py: mnist, cifar10, folder, npz, ... (train.py --help)
     root: str | None = infra(None)  # data dir; None -> $GANCORE_DATA, else ./data
     path: str | None = None  # the file (npz) or folder (folder) for those two dataset kinds
-    split: str = key("train", choices=("train", "test"))
+    split: str = key("train", choices=SPLITS)
     subset: int = key(0, at_least(0, "0 = all images"))  # keep the first N images (after the class filter)
     # train only on this label (anomaly detection: the "normal" digit)
     normal_class: int = key(-1, at_least(-1, "-1 = every class"))
@@ -155,7 +157,7 @@ class EvalConfig:
     batch_size: int = infra(0, at_least(0, "0 = auto"))
     inception_weights: str | None = infra(None)  # FID Inception weights file; None -> $TORCH_HOME/hub/checkpoints/
     # real images for the statistics: data (= data.split) | train | test
-    real_split: str = infra("data", choices=("data", "train", "test"))
+    real_split: str = infra("data", choices=("data", *SPLITS))
     # which to compute (a sweep needs only fid)
     metrics: tuple[str, ...] = infra(("fid", "is", "kid", "pr"), choices=asked("gancore.metrics.fidelity.ALL_METRICS"))
 

@@ -61,10 +61,10 @@ def evaluate_checkpoint(target: str, n: int | None = None, extractor: str | None
     dev = torch_device(device or "auto")
     family, cfg, state = load_family(path, dev)
     if real_split is not None:
-        from gancore.config import choices, replace
+        from gancore.config import SPLITS, replace
 
-        if real_split not in choices("eval.real_split") or real_split == "data":
-            raise MetricsError(f"--real-split {real_split!r}: expected train or test")
+        if real_split not in SPLITS:
+            raise MetricsError(f"--real-split {real_split!r}: expected {' or '.join(SPLITS)}")
         cfg = replace(cfg, **{"eval.real_split": real_split})
     run_id = run_id or state.get("run_id")
     # features cached per chunk, keyed by the checkpoint's content and the seed: an interrupted run continues

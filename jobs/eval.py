@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from _cli import Parser, positive_int, run
 
+from gancore.config import SPLITS
 from gancore.train.rundir import MEANS
 
 
@@ -19,7 +20,7 @@ def main() -> int:
     ap.add_argument("-n", type=positive_int, help="generated samples (default eval.n_samples of the run, else 10000)")
     ap.add_argument("--extractor", help="an eval.extractor value: auto, inception or a domain classifier such as "
                     "lenet_mnist (default: the run's)")
-    ap.add_argument("--real-split", choices=("train", "test"), help="the real images to compare with (default: the "
+    ap.add_argument("--real-split", choices=SPLITS, help="the real images to compare with (default: the "
                     "run's eval.real_split); the metric names then end in it, e.g. fid_inception_10k_test")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--no-log", action="store_true", help="print only; do not log into the MLflow run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from _cli import Parser, non_negative_int, positive_int, run
 
+from gancore.generate import FORMATS
 from gancore.train.rundir import MEANS
 
 
@@ -17,7 +18,7 @@ def main() -> int:
     ap.add_argument("checkpoint", help=f"a checkpoint file, a run directory ({MEANS}), or an MLflow "
                     "model: runs:/RUN_ID/generator | models:/NAME/VERSION")
     ap.add_argument("-n", type=positive_int, default=64, help="number of images")
-    ap.add_argument("--format", choices=["png", "npz", "h5"], help="default: from --out's suffix (folder -> png)")
+    ap.add_argument("--format", choices=FORMATS, help="default: from --out's suffix (folder -> png)")
     ap.add_argument("--out", required=True, help="output: a folder (png), FILE.npz or FILE.h5")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--batch-size", type=positive_int, default=500)

@@ -17,6 +17,8 @@ import argparse
 
 from _cli import Parser, out_dir, positive_float, positive_int, quiet_third_party, run
 
+from gancore.sweep.spec import ROLES
+
 
 def _workers(v: str) -> int | str:
     if v == "auto":
@@ -53,7 +55,7 @@ def main() -> int:
     mode.add_argument("--dashboard", action="store_true", help="optuna-dashboard on the study's storage, on "
                       "127.0.0.1 (the study must exist)")
     ap.add_argument("--port", type=positive_int, help="--dashboard's port (default 8080)")
-    ap.add_argument("--confirm-runs", choices=("all", "winner", "baseline"), help="with --confirm: only these runs "
+    ap.add_argument("--confirm-runs", choices=ROLES, help="with --confirm: only these runs "
                     "(baseline: while the search still runs; default all, after the search)")
     args = ap.parse_args()
     if args.port is not None and not args.dashboard:

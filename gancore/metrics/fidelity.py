@@ -34,7 +34,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metri
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from gancore.config import Config
+from gancore.config import SPLITS, Config  # SPLITS: the suffix of a key measured against a named split
 from gancore.data import load_images
 from gancore.io import atomic_write, cache_dir
 from gancore.errors import MetricsError
@@ -77,7 +77,6 @@ def count_tag(n: int) -> str:
 
 
 KINDS = ("fid", "is", "kid", "precision", "recall")  # what `evaluate`'s keys start with
-SPLITS = ("train", "test")  # the suffix of a key measured against a named split (gancore.evaluation, --real-split)
 _KEY_RE = re.compile(rf"(best_)?({'|'.join(KINDS)})_(.+?)_(\d+)(k?)(?:_({'|'.join(SPLITS)}))?")
 
 
@@ -302,7 +301,7 @@ def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, 
 def floor_fid(cfg: Config, extractor: str, n: int, device: torch.device | str, progress: bool = False) -> float:
     """FID of n real training images against n real test images (the data set's own floor: no generator measured
     this way can be expected to score much lower), from the cached statistics of both splits."""
-    splits = [dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, real_split=s)) for s in ("train", "test")]
+    splits = [dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, real_split=s)) for s in SPLITS]
     name = extractors.resolve(cfg, extractor, channels=real_images(splits[0], 1).shape[1])
     fe, fe_id = extractors.load(name, cfg, device)
     a, b = (real_statistics(c, name, fe, fe_id, real_images(c, n), device, progress) for c in splits)

@@ -67,7 +67,6 @@ def generator_file(sweep: Sweep, p: Plan) -> Path:
     return _needs_confirm(sweep).results / "generators" / sweep.study / f"{p.run_dir.name}.pt"
 
 
-ROLES = ("all", "winner", "baseline")
 
 
 def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gancore.config import Config, all_keys, choices, flat, load_config, read_mapping, replace
+from gancore.config import SPLITS, Config, all_keys, choices, flat, load_config, read_mapping, replace
 from gancore.errors import ConfigError, SweepError
 from gancore.options import coerce
 
 DEFAULT_OUT = "runs/sweeps"  # sweep dirs: <out>/<study>/{trial_NNNN/, optuna.db, best.yaml, figures/}
 
+
+ROLES = ("all", "winner", "baseline")  # which confirmation runs `--confirm-runs` selects (gancore/sweep/confirm.py)
 
 @dataclass(frozen=True)
 class Param:
@@ -286,7 +288,7 @@ def _confirm(path: Path, d: Any, base: Config) -> Confirm | None:
     if c["extractor"] not in choices("eval.extractor"):
         raise SweepError(f"{path}: confirm.extractor: {c['extractor']!r} is not one of "
                          f"{', '.join(choices('eval.extractor'))}")
-    if c["real_split"] not in ("train", "test"):
+    if c["real_split"] not in SPLITS:
         raise SweepError(f"{path}: confirm.real_split: expected train or test, got {c['real_split']!r}")
     anchor = c["anchor"]
     if anchor and (set(anchor) != {"name", "fid"} or not isinstance(anchor["fid"], (int, float))):
