@@ -92,3 +92,30 @@ def ganomaly_metrics_by_sklearn(checkpoint) -> dict[str, float]:
     anomalous = (y != cfg.data.normal_class).numpy()
     assert 0 < anomalous.sum() < len(anomalous)  # both classes in the test subset
     return {"auroc": roc_auc_score(anomalous, scores), "average_precision": average_precision_score(anomalous, scores)}
+
+
+def fid_by_hand(x, y) -> float:
+    """Fréchet distance of the Gaussians fitted to feature sets x (n, d) and y (m, d) (covariances 1/(n-1)), in
+    float64 numpy without a matrix square root: with S1 = A A^T, S2 = B B^T (A = centred x^T / sqrt(n-1)), the
+    eigenvalues of S1 S2 are the squared singular values of A^T B, so tr sqrtm(S1 S2) is the nuclear norm of the
+    small (n, m) matrix A^T B. Exact for rank-deficient covariances (n < d) too."""
+    import numpy as np
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    a = (x - x.mean(0)).T / np.sqrt(len(x) - 1)  # (d, n)
+    b = (y - y.mean(0)).T / np.sqrt(len(y) - 1)
+    cross = np.linalg.svd(a.T @ b, compute_uv=False).sum()
+    return float(np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(a * a) + np.sum(b * b) - 2 * cross)
+
+
+def lenet_outputs(x_uint8: torch.Tensor, weights: str | Path) -> tuple:
+    """(features (N, 84), logits (N, 10)) as float32 numpy of 28x28 grey uint8 images through the LeNet file
+    `weights`, the pixels mapped to [-1, 1] here (x / 127.5 - 1), in one batch."""
+    from gancore.metrics.nets import LeNet
+
+    net = LeNet().eval()
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    assert x_uint8.dtype == torch.uint8 and tuple(x_uint8.shape[1:]) == (1, 28, 28)
+    with torch.no_grad():
+        f = net.features(x_uint8.float() / 127.5 - 1)
+        return f.numpy(), net.head(f).numpy()

@@ -154,9 +154,30 @@ def test_replace_checks_ranges_like_from_dict():
 
 @pytest.mark.parametrize("sweep", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_sweep_file_loads(sweep):
+    """The sweep's base is its preset with every override of the file applied (read here from the YAML, keys and
+    values), and the objective names what the base evaluates: its extractor and n_samples."""
+    import yaml
+
+    from gancore.metrics.extractors import tag
+    from gancore.metrics.fidelity import MetricKey
     from gancore.sweep import load_sweep
 
-    assert load_sweep(sweep).base.eval.n_samples > 0
+    raw = yaml.safe_load(sweep.read_text())
+    sw = load_sweep(sweep)
+
+    def lists(v):  # YAML lists; the config holds tuples of tuples, flat() lists of tuples
+        return [lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    base = flat(sw.base, include_infra=True)
+    assert raw["overrides"] and {k: lists(base[k]) for k in raw["overrides"]} == {
+        k: lists(v) for k, v in raw["overrides"].items()}
+    preset = flat(load_config((sweep.parent / raw["base"]).resolve()), include_infra=True)
+    kept = set(base) - set(raw["overrides"]) - {"name"}
+    assert {k: base[k] for k in kept} == {k: preset[k] for k in kept}  # nothing else changed
+    assert set(base) == set(preset) and sw.base.name == raw["study"]  # the run name is the study's
+    key = MetricKey.parse(raw["objective"])
+    assert (key.metric, key.extractor, key.count) == ("fid", tag(sw.base.eval.extractor), sw.base.eval.n_samples)
+    assert sw.base.eval.n_samples == raw["overrides"]["eval.n_samples"]
 
 
 def test_every_report_preset_has_its_reports_values():

@@ -40,6 +40,21 @@ def _unet(cfg, shape=(3, 16, 16), classes=10):
     return MODELS["unet"](cfg.model, shape, classes, diffusion=cfg.diffusion)["denoiser"]
 
 
+def _adam_first_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> list[torch.Tensor]:
+    """Backward and one step of a fresh Adam, checked against its closed form: bias-corrected m_hat = g and
+    v_hat = g^2, so each weight moves by -lr g / (|g| + eps). Returns the gradients."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in params]
+    opt.zero_grad()
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    opt.step()
+    lr, eps = opt.param_groups[0]["lr"], opt.param_groups[0]["eps"]
+    for p, p0, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach(), p0 - lr * g / (g.abs() + eps), rtol=0, atol=1e-3 * lr)
+    return grads
+
+
 # -- networks ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attention", [True, False])
@@ -53,15 +68,19 @@ def test_unet_shape_and_one_step(attention):
     assert net(x, torch.tensor([0, 10, 500, 999]), y).shape == (4, 3, 16, 16)
     assert net.class_emb.num_embeddings == 11 and fam.null_class == 10
     assert any(type(m).__name__ == "Attention" for m in net.modules()) == attention
-    before = [p.detach().clone() for p in net.parameters()]
+    assert torch.equal(net(x, torch.tensor([0, 10, 500, 999]), y), torch.zeros_like(x))  # zero-initialised output
+    torch.manual_seed(1)
     loss, stats = fam.phases[0].loss(Batch(x, y[:4].clamp(max=9)), StepContext())
-    assert set(stats) == {"Loss/mse", "Loss/total"} and loss.ndim == 0
-    assert 0.5 < loss.item() < 1.5  # eps-prediction starts at ~E[eps^2] = 1 (zero-initialised output)
-    fam.optimizers["denoiser"].zero_grad()
-    loss.backward()
-    fam.optimizers["denoiser"].step()
-    assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert sum(not torch.equal(a, p) for a, p in zip(before, net.parameters())) > 0
+    assert set(stats) == {"Loss/mse", "Loss/total"} and loss.ndim == 0 and stats["Loss/mse"] == loss.detach()
+    # eps_theta = 0, so the loss is the mean square of the step's noise: t ~ U{0..T-1} first, then eps ~ N(0, I)
+    torch.manual_seed(1)
+    torch.randint(0, fam.process.T, (4,))
+    assert loss.item() == pytest.approx(torch.randn_like(x).pow(2).mean().item(), rel=1e-6)
+    grads = _adam_first_step(fam.optimizers["denoiser"], loss)
+    # only the output convolution's weights get a gradient through a zero output layer; it moves by lr per weight
+    out_conv = net.out[-1]
+    moved = {id(p) for p, g in zip(net.parameters(), grads) if g.any()}
+    assert moved == {id(out_conv.weight), id(out_conv.bias)}
 
 
 def test_unet_rejects_indivisible_size():
@@ -79,11 +98,29 @@ def test_report_denoiser_shape_and_one_step():
     net = fam.networks["denoiser"]
     x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 9])
     assert net(x, y).shape == (4, 3, 16, 16)
+
+    def by_hand(v: torch.Tensor) -> torch.Tensor:  # the module docstring's layout, from the same weights
+        F, relu = torch.nn.functional, torch.relu
+        e = relu(F.conv2d(relu(F.conv2d(v, net.enc[0].weight, net.enc[0].bias, padding=1)),
+                          net.enc[2].weight, net.enc[2].bias, padding=1))
+        h = relu(F.conv2d(e, net.down[0].weight, net.down[0].bias, stride=2, padding=1))
+        h = h + net.class_emb.weight[y][:, :, None, None]
+        h = relu(F.conv2d(h, net.mid[0].weight, net.mid[0].bias, padding=1))
+        h = relu(F.conv_transpose2d(h, net.up[0].weight, net.up[0].bias, stride=2, padding=1))
+        d = relu(F.conv2d(torch.cat([h, e], 1), net.dec[0].weight, net.dec[0].bias, padding=1))
+        return F.conv2d(d, net.dec[2].weight, net.dec[2].bias, padding=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, y), by_hand(x), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)
     loss, stats = fam.phases[0].loss(Batch(x, y), StepContext())
-    fam.optimizers["denoiser"].zero_grad()
-    loss.backward()
-    fam.optimizers["denoiser"].step()
-    assert torch.isfinite(loss) and stats["Loss/mse"] == loss.detach()
+    torch.manual_seed(1)  # the step's one draw: the noise added at sigma
+    with torch.no_grad():
+        want = (by_hand(x + fam.sigma * torch.randn_like(x)) - x).pow(2).mean()
+    assert fam.sigma == 0.5 and stats["Loss/mse"] == loss.detach()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    grads = _adam_first_step(fam.optimizers["denoiser"], loss)
+    assert all(g.any() for g in grads)  # every weight learns from the first batch
 
 
 # -- the process ---------------------------------------------------------------------------------------------------
@@ -107,17 +144,28 @@ def test_q_sample_matches_closed_form(schedule):
 
 
 def test_schedules():
-    for name in ("linear", "cosine"):
-        proc = GaussianDiffusion(1000, name)
-        ab = proc.alphas_cumprod
-        assert ab.dtype == torch.float64 and ab.shape == (1000,)
-        assert torch.all(ab[1:] < ab[:-1]) and torch.all((ab > 0) & (ab < 1)), name
-    lin = beta_schedule("linear", 1000)
-    assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
-    assert GaussianDiffusion(1000, "linear").alphas_cumprod[-1] < 1e-4  # ~4e-5: x_T is essentially pure noise
-    cos = GaussianDiffusion(1000, "cosine").alphas_cumprod
-    assert cos[-1] < 1e-6 and cos[0] > 0.9999  # Nichol & Dhariwal: from ~1 to ~0
-    assert cos[499].item() == pytest.approx(0.5, abs=0.03)  # cos^2 schedule crosses 1/2 near the middle
+    """alpha_bar_t against closed forms written out here in float64 numpy: linear, the product of
+    1 - beta_i with beta_i = (1000/T) (1e-4 + i (0.02 - 1e-4) / (T - 1)) (Ho et al.; improved-diffusion's 1000/T);
+    cosine, the telescoped f(t + 1) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008, up to the last
+    step, whose beta (1 at alpha_bar = 0) is clipped to 0.999 (Nichol & Dhariwal)."""
+    for T in (1000, 100):
+        i = np.arange(T, dtype=np.float64)
+        beta = (1000 / T) * (1e-4 + i * (0.02 - 1e-4) / (T - 1))
+        ab = GaussianDiffusion(T, "linear").alphas_cumprod
+        assert ab.dtype == torch.float64 and ab.shape == (T,)
+        np.testing.assert_allclose(beta_schedule("linear", T).numpy(), beta, rtol=1e-12)
+        np.testing.assert_allclose(ab.numpy(), [np.prod(1 - beta[: t + 1]) for t in range(T)], rtol=1e-10)
+    assert GaussianDiffusion(1000, "linear").alphas_cumprod[-1].item() == pytest.approx(4.0358e-5, rel=1e-4)
+
+    s_, T = 0.008, 1000
+    f = np.cos((np.arange(T + 1) / T + s_) / (1 + s_) * np.pi / 2) ** 2
+    cos = GaussianDiffusion(T, "cosine").alphas_cumprod.numpy()
+    clipped = 1 - f[1:] / f[:-1] > 0.999
+    assert clipped.tolist() == [False] * (T - 1) + [True]  # only the last beta is clipped
+    np.testing.assert_allclose(cos[:-1], f[1:T] / f[0], rtol=1e-10)
+    assert cos[-1] == pytest.approx(cos[-2] * (1 - 0.999), rel=1e-12)
+    middle = np.cos((0.5 + s_) / (1 + s_) * np.pi / 2) ** 2 / np.cos(s_ / (1 + s_) * np.pi / 2) ** 2
+    assert cos[499] == pytest.approx(middle, rel=1e-10)  # ~0.494: the cos^2 schedule crosses 1/2 near the middle
 
 
 def test_ddim_deterministic_and_seed_dependent():

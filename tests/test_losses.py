@@ -233,20 +233,68 @@ def test_rpgan_with_r1_r2_through_the_gan_family_by_hand():
     assert D.a.grad.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def _penalty_by_hand(D: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """E ||grad_x D(x)||^2, the gradient of the summed logits by autograd."""
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x).sum(), x)
+    return grad.flatten(1).pow(2).sum(1).mean()
+
+
 @needs_mnist
 @pytest.mark.parametrize("name", ["ragan", "rpgan"])
-def test_relativistic_losses_train_through_the_gan_family_unchanged(name):
-    """The GAN family hands the real batch to losses that ask for it: a few real steps, every statistic finite."""
+def test_relativistic_losses_train_through_the_gan_family_unchanged(name, monkeypatch):
+    """The GAN family hands the real batch to losses that ask for it: a few real steps, and the epoch's logged
+    Loss/D, Loss/G, D/r1 and D/r2 equal the losses written out here on what each step's loss was given (a copy of
+    D as it was then, its real and fake images), averaged over the epoch's 4 steps."""
+    import copy
+
     from conftest import tiny
+    from gancore.losses import LOSSES
     from gancore.train.loop import fit
 
-    r = fit(tiny(f"loss.name={name}", "train.epochs=1", "loss.r1=0.5", "loss.r2=0.5"), out="r")
+    cls, seen = LOSSES[name], {"d": [], "g": []}
+    d_loss, g_loss = cls.d_loss, cls.g_loss
+
+    def record_d(self, D, real, fake, y=None):
+        seen["d"].append((copy.deepcopy(D), real.detach().clone(), fake.detach().clone()))
+        return d_loss(self, D, real, fake, y)
+
+    def record_g(self, D, fake, y=None, real=None):
+        seen["g"].append((copy.deepcopy(D), real.detach().clone(), fake.detach().clone()))
+        return g_loss(self, D, fake, y, real=real)
+
+    monkeypatch.setattr(cls, "d_loss", record_d)
+    monkeypatch.setattr(cls, "g_loss", record_g)
+    r1w, r2w = 0.5, 0.5
+    r = fit(tiny(f"loss.name={name}", "train.epochs=1", f"loss.r1={r1w}", f"loss.r2={r2w}"), out="r")
     assert r.status == "finished" and r.step == 4
     from gancore.train import state as ckpt
 
     h = ckpt.load(r.checkpoint)["history"]
-    assert all(math.isfinite(v) for v in h["Loss/D"] + h["Loss/G"]), h
-    assert h["D/r1"][0] > 0 and h["D/r2"][0] > 0  # both penalties measured on the images
+    assert h["epoch"] == [1] and len(seen["d"]) == len(seen["g"]) == 4
+    softplus = torch.nn.functional.softplus
+    want = {"Loss/D": [], "Loss/G": [], "D/r1": [], "D/r2": []}
+    for D, real, fake in seen["d"]:
+        with torch.no_grad():
+            lr, lf = D(real).flatten(), D(fake).flatten()
+        if name == "ragan":  # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l), on the relative logits
+            adv = softplus(-(lr - lf.mean())).mean() + softplus(lf - lr.mean()).mean()
+        else:
+            adv = softplus(lf - lr).mean()
+        r1, r2 = _penalty_by_hand(D, real), _penalty_by_hand(D, fake)
+        want["Loss/D"].append((adv + 0.5 * r1w * r1 + 0.5 * r2w * r2).item())
+        want["D/r1"].append(r1.item())
+        want["D/r2"].append(r2.item())
+    for D, real, fake in seen["g"]:
+        with torch.no_grad():
+            lr, lf = D(real).flatten(), D(fake).flatten()
+        if name == "ragan":
+            g = softplus(-(lf - lr.mean())).mean() + softplus(lr - lf.mean()).mean()
+        else:
+            g = softplus(lr - lf).mean()
+        want["Loss/G"].append(g.item())
+    for key, values in want.items():
+        assert h[key] == [pytest.approx(sum(values) / 4, rel=1e-5)], (key, values)
 
 
 def test_loss_names_come_from_the_registry():

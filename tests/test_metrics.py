@@ -128,12 +128,17 @@ def test_count_tags():
 def test_fid_real_vs_real_is_zero(env):
     from gancore.metrics import evaluate
 
+    from recompute import lenet_outputs
+    from test_metric_references import is_ref
+
     x = _mnist("train")[:1000]
     out = evaluate(_cfg(), _sampler(x), torch.device("cpu"), n=1000)
     assert sorted(out) == ["fid_lenet_1k", "is_lenet_1k", "kid_lenet_1k", "precision_lenet_1k", "recall_lenet_1k"]
     assert abs(out["fid_lenet_1k"]) < 1e-6
     assert out["precision_lenet_1k"] == 1.0 and out["recall_lenet_1k"] == 1.0
-    assert 8.0 < out["is_lenet_1k"] <= 10.0  # real digits: confident, balanced over 10 classes
+    # IS by hand on the logits of the same digits (10 seeded splits); real digits: confident, balanced, near 10
+    want = is_ref(lenet_outputs(x, env / "extractors" / "lenet_mnist.pt")[1])
+    assert out["is_lenet_1k"] == pytest.approx(want, rel=1e-6) and want > 8.0
 
 
 @needs_mnist
@@ -143,9 +148,17 @@ def test_fid_small_for_other_images_of_the_distribution_and_grows_with_a_shift(e
     import torch.nn.functional as F
 
     from gancore.metrics import evaluate
+    from recompute import fid_by_hand, lenet_outputs
+
+    weights = env / "extractors" / "lenet_mnist.pt"
+    real_features = lenet_outputs(_mnist("train")[:1000], weights)[0]
 
     def fid(x: torch.Tensor) -> float:
-        return evaluate(_cfg(), _sampler(x), "cpu", n=1000, metrics=("fid",))["fid_lenet_1k"]
+        value = evaluate(_cfg(), _sampler(x), "cpu", n=1000, metrics=("fid",))["fid_lenet_1k"]
+        # the same distance from features computed here in one batch (evaluate: batches of 100), no sqrtm
+        # (measured: 5e-11 relative)
+        assert value == pytest.approx(fid_by_hand(lenet_outputs(x, weights)[0], real_features), rel=1e-6)
+        return value
 
     test = _mnist("test")
     other = test[:1000]
@@ -156,7 +169,6 @@ def test_fid_small_for_other_images_of_the_distribution_and_grows_with_a_shift(e
     same_dist = fid(other)
     shifted = {"blurred": fid(blurred), "noised": fid(noised), "only ones": fid(ones)}
     print(f"fid_lenet_1k vs train[:1000]: other test digits {same_dist:.2f}, shifted {shifted}")
-    assert same_dist > 0
     for name, value in shifted.items():  # lenet features: same distribution ~12 (1000-sample bias), shifts >> that
         assert value > 5 * same_dist, (name, value, same_dist)
 
@@ -308,13 +320,32 @@ def test_figures(env, tmp_path):
 
 @needs_mnist
 @needs_inception
-def test_inception_greyscale_and_is_policy(env):
-    """20 greyscale digits through Inception (repeated to RGB); IS only when the weights carry a classifier."""
+def test_inception_greyscale_and_is_policy(env, monkeypatch):
+    """20 greyscale digits through Inception (repeated to RGB); IS only when the weights carry a classifier; the
+    FID written out here from what Inception was given and returned during the evaluation."""
     from gancore.metrics import evaluate
     from gancore.metrics.extractors import has_classifier, load
+    from recompute import fid_by_hand
 
     cfg = _cfg("eval.batch_size=10", f"eval.inception_weights={INCEPTION}")
+    fe, _ = load("inception", cfg, "cpu")  # the instance evaluate gets (loaded once per process)
+    calls, forward = [], fe.forward
+
+    def recorded(x):
+        out = forward(x)
+        calls.append((x.clone(), fe.convert_features_tuple_to_dict(out)["2048"].double().numpy()))
+        return out
+
+    monkeypatch.setattr(fe, "forward", recorded)
     out = evaluate(cfg, _sampler(_mnist("test")), "cpu", n=20)  # auto -> inception: its file exists
-    assert "fid_inception_20" in out and np.isfinite(out["fid_inception_20"]) and out["fid_inception_20"] > 0
-    fe, _ = load("inception", cfg, "cpu")
     assert ("is_inception_20" in out) == has_classifier(fe)
+    # its inputs: the first 20 test digits (generated) and train digits (real), grey repeated to 3 uint8 channels
+    seen = torch.cat([x for x, _ in calls])
+    gen_rgb, real_rgb = (_mnist(split)[:20].expand(-1, 3, -1, -1) for split in ("test", "train"))
+    is_gen = torch.tensor([any(torch.equal(row, g) for g in gen_rgb) for row in seen])
+    assert seen.dtype == torch.uint8 and len(seen) == 40 and int(is_gen.sum()) == 20
+    assert torch.equal(seen[is_gen], gen_rgb) and torch.equal(seen[~is_gen], real_rgb)
+    features = np.concatenate([f for _, f in calls])
+    want = fid_by_hand(features[is_gen.numpy()], features[~is_gen.numpy()])
+    # rank-deficient covariances (20 samples, 2048-d): sqrtm's round-off, measured 9e-7 relative
+    assert out["fid_inception_20"] == pytest.approx(want, rel=1e-4) and want > 10

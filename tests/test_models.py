@@ -29,6 +29,35 @@ CASES = [
 ]
 
 
+def _last_layer_by_hand(layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """G's last Linear / Conv2d / ConvTranspose2d applied to its input h with torch.nn.functional and its weights."""
+    F = torch.nn.functional
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(h, layer.weight, layer.bias)
+    if isinstance(layer, torch.nn.ConvTranspose2d):
+        return F.conv_transpose2d(h, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
+    return F.conv2d(h, layer.weight, layer.bias, layer.stride, layer.padding)
+
+
+def _loss_by_hand(cfg, phase: str, logits: list[torch.Tensor], stats: dict) -> float:
+    """The phase's loss written out from D's logits as the phase saw them (real, fake[, interpolates] for D; the
+    fakes for G); WGAN-GP's penalty is taken from its statistic (test_losses.py checks it against autograd)."""
+    F = torch.nn.functional
+    name, t = cfg.loss.name, cfg.loss.label_smoothing
+    if phase == "G":
+        lf = logits[0].flatten()
+        return {"nonsaturating": F.softplus(-lf).mean(), "lsgan": 0.5 * (lf - 1).pow(2).mean(),
+                "hinge": -lf.mean(), "wgan_gp": -lf.mean()}[name].item()
+    lr, lf = logits[0].flatten(), logits[1].flatten()
+    if name == "nonsaturating":  # BCE(l, t) = t softplus(-l) + (1 - t) softplus(l)
+        return ((t * F.softplus(-lr) + (1 - t) * F.softplus(lr)).mean() + F.softplus(lf).mean()).item()
+    if name == "lsgan":
+        return (0.5 * ((lr - t).pow(2).mean() + lf.pow(2).mean())).item()
+    if name == "hinge":
+        return ((1 - lr).clamp(min=0).mean() + (1 + lf).clamp(min=0).mean()).item()
+    return (lf.mean() - lr.mean() + cfg.loss.gp_weight * stats["D/gp"]).item()  # wgan_gp
+
+
 @pytest.mark.parametrize("arch,shape,over", CASES, ids=[f"{a}-{'-'.join(o) or 'default'}" for a, s, o in CASES])
 def test_shapes_and_one_step(arch, shape, over):
     torch.manual_seed(0)
@@ -38,24 +67,44 @@ def test_shapes_and_one_step(arch, shape, over):
     b = 4
     z, y = torch.randn(b, 16), torch.randint(0, 10, (b,))
     cond = y if cfg.model.conditional else None
+    # G's output is tanh of its last layer: that layer recomputed from its weights on the input it got
+    last = [m for m in G.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    seen = []
+    hook = last.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
     x = G(z, cond)
+    hook.remove()
     assert x.shape == (b, *shape)
-    assert x.min() >= -1 and x.max() <= 1  # tanh output
+    with torch.no_grad():
+        torch.testing.assert_close(x, torch.tanh(_last_layer_by_hand(last, seen[0])).view(b, *shape),
+                                   rtol=1e-5, atol=1e-6)
     assert D(x, cond).shape == (b, 1)
 
     batch = Batch(torch.rand(b, *shape) * 2 - 1, y)
     ctx = StepContext()  # what one step's phases share
     for phase in fam.phases:
-        before = [p.detach().clone() for p in fam.optimizers[phase.optimizer].param_groups[0]["params"]]
-        loss, stats = phase.loss(batch, ctx)
-        assert loss.ndim == 0 and torch.isfinite(loss)
-        assert all(torch.isfinite(v) for v in stats.values())
         opt = fam.optimizers[phase.optimizer]
+        params = opt.param_groups[0]["params"]
+        before = [p.detach().clone() for p in params]
+        logits = []
+        hook = D.register_forward_hook(lambda m, i, o: logits.append(o.detach()))
+        loss, stats = phase.loss(batch, ctx)
+        hook.remove()
+        assert loss.ndim == 0 and stats[f"Loss/{phase.name}"] == loss.detach()
+        assert loss.item() == pytest.approx(_loss_by_hand(cfg, phase.name, logits, stats), rel=1e-5, abs=1e-6)
         opt.zero_grad()
         loss.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         opt.step()
-        after = opt.param_groups[0]["params"]
-        assert any(not torch.equal(a, b_) for a, b_ in zip(after, before)), f"{phase.name} step changed nothing"
+        # Adam's first step, bias-corrected: m_hat = g, v_hat = g^2, so p <- p - lr g / (|g| + eps)
+        lr, eps = opt.param_groups[0]["lr"], opt.param_groups[0]["eps"]
+        assert lr == (cfg.optim.lr_d if phase.name == "D" else cfg.optim.lr_g)
+        for p, p0, g in zip(params, before, grads):
+            torch.testing.assert_close(p.detach(), p0 - lr * g / (g.abs() + eps), rtol=0, atol=1e-3 * lr)
+        # and the step is not vacuous: every weight matrix and kernel got a gradient (not every bias: hinge and
+        # WGAN losses have d/d(bias) = -1 + 1 = 0 at D's head; class embeddings: only the labels drawn)
+        embedded = {id(q) for m in fam.networks[phase.optimizer].modules() if isinstance(m, torch.nn.Embedding)
+                    for q in m.parameters()}
+        assert all(g.any() for p, g in zip(params, grads) if p.dim() >= 2 and id(p) not in embedded), phase.name
     assert fam.phases[0].repeats == cfg.optim.d_iters
 
 
@@ -145,6 +194,28 @@ PRESETS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "folder": (3, 64, 64)}  # folder: RGB at its image_size
 
 
+def _lin(i, o):
+    return i * o + o
+
+
+def _conv(i, o, k):
+    return i * o * k * k + o
+
+
+# G: Linear(100, 128*7*7) + BN1d, ConvT 128->64 + BN, ConvT 64->32 + BN, Conv3x3 32->1; D: Conv 1->64, 64->128 + BN,
+# 128->256 + BN (4x4), Linear(256*3*3, 1024), Linear(1024, 1)  (BatchNorm: a gain and a bias per channel)
+_DCGAN_MNIST = {"G": _lin(100, 6272) + 2 * 6272 + _conv(128, 64, 4) + 2 * 64 + _conv(64, 32, 4) + 2 * 32
+                + _conv(32, 1, 3),
+                "D": _conv(1, 64, 4) + _conv(64, 128, 4) + 2 * 128 + _conv(128, 256, 4) + 2 * 256 + _lin(2304, 1024)
+                + _lin(1024, 1)}
+HAND_COUNTS = {
+    "mnist_dcgan.yaml": _DCGAN_MNIST, "quickstart.yaml": _DCGAN_MNIST,
+    # Keras MLP: G Dense 100->256->512->1024 (BatchNorm after each) -> 784; D Dense 784->512->256->1
+    "mnist_mlp_gan.yaml": {"G": _lin(100, 256) + 2 * 256 + _lin(256, 512) + 2 * 512 + _lin(512, 1024) + 2 * 1024
+                           + _lin(1024, 784), "D": _lin(784, 512) + _lin(512, 256) + _lin(256, 1)},
+}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_builds_its_family_and_networks(preset):
     """Each configs/*.yaml is parsed, validated AND built: its family with every network, optimiser and phase (no
@@ -156,5 +227,12 @@ def test_every_preset_builds_its_family_and_networks(preset):
     side = cfg.data.image_size or h
     torch.manual_seed(0)
     fam = FAMILIES[cfg.family](cfg, (c, side, side), 10)
-    assert fam.networks and all(sum(p.numel() for p in n.parameters()) > 0 for n in fam.networks.values())
-    assert fam.optimizers and fam.phases
+    # the optimisers hold every trainable weight of the networks, each exactly once, and nothing else; every
+    # phase steps one of them and every one is stepped by some phase
+    trainable = [p for n in fam.networks.values() for p in n.parameters() if p.requires_grad]
+    optimised = [p for o in fam.optimizers.values() for group in o.param_groups for p in group["params"]]
+    assert len({id(p) for p in optimised}) == len(optimised)
+    assert {id(p) for p in optimised} == {id(p) for p in trainable}, preset
+    assert {ph.optimizer for ph in fam.phases} == set(fam.optimizers), preset
+    if preset in HAND_COUNTS:  # the report presets' parameter counts, layer by layer from their layouts
+        assert {k: sum(p.numel() for p in n.parameters()) for k, n in fam.networks.items()} == HAND_COUNTS[preset]
