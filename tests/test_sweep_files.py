@@ -1,9 +1,5 @@
 """Every shipped sweep file (sweeps/*.yaml) builds its trial configs at each parameter's low and high (every
-choice of a categorical one) and passes `jobs/sweep.py FILE --prepare`; the make targets users type expand to the commands they document (`make -n`), and `make sweep` runs for real on a tiny sweep file (issue #25 item 5).
-
-`make sweep SMOKE=1` itself is not run here: its 6 trials of 60 steps took 443 s for the first trial alone on one
-busy CPU core, so the real run uses the same target with SWEEP= a 2-trial, 4-step file; `make -n sweep SMOKE=1`
-checks the command SMOKE=1 runs."""
+choice of a categorical one) and passes `jobs/sweep.py FILE --prepare`; the make targets users type expand to the commands they document (`make -n`), and `make sweep SMOKE=1` runs for real, its 6 trials on 2 workers."""
 
 from __future__ import annotations
 
@@ -12,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import helpers
 from conftest import ROOT, needs_mnist
@@ -97,45 +94,31 @@ def test_make_targets_expand_to_their_commands(stamp, target, want):
 
 
 @needs_mnist
-@pytest.mark.timeout(900)
-def test_make_sweep_runs_a_tiny_sweep_file(stamp, tmp_path):
-    """The `make sweep` target for real: SWEEP= a 2-trial sweep of 4-step quickstart runs, one worker, ARGS passed
-    through; the study then holds 2 complete trials whose values are their runs' last FID."""
+@pytest.mark.timeout(1200)  # 6 trials of 60 steps on 2 workers: about 3 minutes on 2 idle cores, 10 when loaded
+def test_make_sweep_smoke_runs_for_real(stamp, tmp_path):
+    """`make sweep SMOKE=1` as a user types it (ARGS only moves its output and storage into tmp_path): the shipped
+    smoke file's 6 trials run on its 2 workers; every trial ends COMPLETE or PRUNED, each complete trial's value is
+    its MLflow run's last objective, and the best trial's preset is written."""
     import optuna
+    from mlflow.tracking import MlflowClient
 
-    sweep = tmp_path / "tiny.yaml"
-    sweep.write_text(f"""study: tiny
-base: {ROOT / 'configs' / 'quickstart.yaml'}
-overrides:
-  data.subset: 128
-  optim.batch_size: 32
-  train.max_steps: 4
-  train.log_every: 2
-  train.checkpoint_every: 4
-  train.snapshot_epochs: [1]
-  train.loss_ranges: [[1, 1]]
-  train.grid_size: 16
-  track.image_every: 4
-  eval.every: 2
-  eval.n_samples: 100
-  eval.extractor: lenet_mnist
-  eval.metrics: [fid]
-objective: fid_lenet_100
-space:
-  optim.d_iters: {{type: int, low: 1, high: 2}}
-budget: {{n_trials: 2}}
-sampler: {{name: tpe, seed: 0, n_startup_trials: 2}}
-workers: 1
-""")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env_args = [f"SWEEP={sweep}", "WORKERS=1", f"ARGS=--out {tmp_path / 'sweeps'} --storage {storage}"]
-    p = helpers.run(["make", "--no-print-directory", "sweep", *env_args, *stamp], cwd=ROOT, timeout=840,
-                    what="make sweep (a tiny sweep file)", env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["SMOKE=1", f"ARGS=--out {tmp_path / 'sweeps'} --storage {storage}"]
+    p = helpers.run(["make", "--no-print-directory", "sweep", *args, *stamp], cwd=ROOT, timeout=1140,
+                    what="make sweep SMOKE=1", env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
-    assert (tmp_path / "sweeps" / "tiny" / "best.yaml").is_file()
+    study = optuna.load_study(study_name="mnist_dcgan_smoke", storage=storage)
+    assert len(study.trials) == 6 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    client = MlflowClient(uri)
+    for t in study.trials:
+        if t.state.name == "COMPLETE":
+            run = client.get_run(t.user_attrs["mlflow.run_id"])
+            assert run.data.metrics["fid_lenet_500"] == pytest.approx(t.value, rel=1e-12)
+            assert sorted(t.intermediate_values) == [20, 40, 60]
+    best = yaml.safe_load((tmp_path / "sweeps" / "mnist_dcgan_smoke" / "best.yaml").read_text())
+    assert best["model"]["nz"] == study.best_trial.params["model.nz"]
+    assert best["optim"]["lr_g"] == best["optim"]["lr_d"] == pytest.approx(study.best_trial.params["lr"], rel=1e-12)
 
 
 @needs_mnist
