@@ -298,13 +298,18 @@ def real_statistics(cfg: Config, extractor_name: str, fe: FeatureExtractorBase, 
     return out
 
 
-def floor_fid(cfg: Config, extractor: str, n: int, device: torch.device | str, progress: bool = False) -> float:
+def floor_fid(cfg: Config, extractor: str, n: int, device: torch.device | str, progress: bool = False,
+              cached_only: bool = False) -> float | None:
     """FID of n real training images against n real test images (the data set's own floor: no generator measured
-    this way can be expected to score much lower), from the cached statistics of both splits."""
+    this way can be expected to score much lower), from the cached statistics of both splits (computed when
+    missing; with `cached_only`, None instead)."""
     splits = [dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, real_split=s)) for s in SPLITS]
     name = extractors.resolve(cfg, extractor, channels=real_images(splits[0], 1).shape[1])
     fe, fe_id = extractors.load(name, cfg, device)
-    a, b = (real_statistics(c, name, fe, fe_id, real_images(c, n), device, progress) for c in splits)
+    reals = [real_images(c, n) for c in splits]
+    if cached_only and not all(stats_path(c, name, fe_id, x).is_file() for c, x in zip(splits, reals)):
+        return None
+    a, b = (real_statistics(c, name, fe, fe_id, x, device, progress) for c, x in zip(splits, reals))
     return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
 
 

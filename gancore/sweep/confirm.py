@@ -117,6 +117,8 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
                     return STOPPED
             measure(sweep, p, say, write, splits)
             write()
+    if selected and _floor(sweep, todo[0]) is not None:  # both splits' statistics (cached by now): the floor row
+        write()
     progress(f"confirm {sweep.study}: wrote {c.results / (sweep.study + '_confirm.md')}")
     return 0
 
@@ -311,10 +313,12 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0,
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
     lines += [f"| {p.label} | " + " | ".join(["open"] * (len(cols) - 1)) + " |" for p in todo if p.label not in done]
-    floor = _floor(sweep, p0) if rows else None
+    floor = _floor(sweep, p0, cached_only=True) if rows else None  # a table write never computes statistics
     lines += ["", *summary(rows, c.anchor),
               *([f"- floor: {floor:.2f} = {c.extractor} FID of {p0.cfg.eval.n_samples} {p0.cfg.data.name} training images against "
-                 f"the {c.real_split} images (no generator), from the same cached real statistics"] if floor else []),
+                 f"the {c.real_split} images (no generator), from the same cached real statistics"] if floor else
+                [f"- floor: open until the {c.extractor} statistics of both splits are cached (the second pass "
+                 "measures against the training images)"] if rows and c.real_split != "train" else []),
               "",
               ("Params of the best trial so far: " if left else "Params of the winner: ") +
               ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best.params.items()))]
@@ -322,7 +326,7 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0,
     return rows
 
 
-def _floor(sweep: Sweep, p: Plan) -> float | None:
+def _floor(sweep: Sweep, p: Plan, cached_only: bool = False) -> float | None:
     """The data set's own floor under the final protocol: real training images against the final split."""
     import torch
 
@@ -331,7 +335,7 @@ def _floor(sweep: Sweep, p: Plan) -> float | None:
     c = _needs_confirm(sweep)
     if c.real_split == "train":
         return None
-    return floor_fid(p.cfg, c.extractor, p.cfg.eval.n_samples, torch.device("cpu"))
+    return floor_fid(p.cfg, c.extractor, p.cfg.eval.n_samples, torch.device("cpu"), cached_only=cached_only)
 
 
 def _rel(path: Path | None) -> str:
