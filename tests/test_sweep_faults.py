@@ -100,6 +100,19 @@ def kill_after_first_checkpoint(sweep, procs: list[subprocess.Popen], host: str 
     return t.number, pid, time.time()
 
 
+def killed_sweep(sweep, tmp_path: Path, *args: str, timeout: float) -> tuple[str, int, int, float]:
+    """Run the sweep, SIGKILL one of its workers (kill_after_first_checkpoint) and wait for the sweep to finish, which
+    it must do with exit 0. Returns (its output, the killed trial, the worker pid, the time of the kill)."""
+    p = popen([str(ROOT / "jobs" / "sweep.py"), str(sweep.path), *args], tmp_path)
+    try:
+        killed, pid, killed_at = kill_after_first_checkpoint(sweep, [p], parent=p.pid)
+        out, _ = helpers.finish(p, timeout=timeout, what="the sweep after its worker was killed")
+    finally:
+        helpers.stop(p, grace=0)
+    assert p.returncode == 0, out[-3000:]
+    return out, killed, pid, killed_at
+
+
 def assert_nothing_lost(sweep, n_trials: int, killed: int, killed_at: float) -> None:
     """Each trial of the budget ends COMPLETE exactly once; the killed one's copy resumed from its last checkpoint
     in the same MLflow run, which is the only child run of that trial."""
@@ -141,13 +154,7 @@ def assert_nothing_lost(sweep, n_trials: int, killed: int, killed_at: float) -> 
 def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
     path = sweep_file(tmp_path, "killed", n_trials=3)
     sweep = load_sweep(path)
-    p = popen([str(ROOT / "jobs" / "sweep.py"), str(path), "--workers", "2"], tmp_path)
-    try:
-        killed, pid, killed_at = kill_after_first_checkpoint(sweep, [p], parent=p.pid)
-        out, _ = helpers.finish(p, timeout=400, what="the sweep after its worker was killed")
-    finally:
-        helpers.stop(p, grace=0)
-    assert p.returncode == 0, out[-3000:]
+    out, killed, pid, killed_at = killed_sweep(sweep, tmp_path, "--workers", "2", timeout=400)
     assert f"(pid {pid}, killed by SIGKILL); the sweep goes on" in out
     assert f"re-queued trial(s) {killed} of dead worker(s)" in out and "started worker 2 in place of" in out
     assert "stopped by SIGTERM" not in out  # the other worker was left alone
@@ -169,13 +176,7 @@ def test_a_killed_trial_that_evaluates_continues_bit_identical_to_an_uninterrupt
     assert sorted(ref.intermediate_values) == list(range(EVERY, STEPS + 1, EVERY))
 
     sweep = load_sweep(sweep_file(tmp_path, "killed1", n_trials=1, eval_every=EVERY))
-    p = popen([str(ROOT / "jobs" / "sweep.py"), str(sweep.path)], tmp_path)
-    try:
-        killed, _, killed_at = kill_after_first_checkpoint(sweep, [p], parent=p.pid)
-        out, _ = helpers.finish(p, timeout=300, what="the sweep after its worker was killed")
-    finally:
-        helpers.stop(p, grace=0)
-    assert p.returncode == 0, out[-3000:]
+    _, killed, _, killed_at = killed_sweep(sweep, tmp_path, timeout=300)
     assert_nothing_lost(sweep, 1, killed, killed_at)
     (copy,) = [t for t in trials(sweep) if t.state.name == "COMPLETE"]
     assert copy.params == ref.params  # the same seeded sampler: the same configuration
