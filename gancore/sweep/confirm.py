@@ -297,7 +297,7 @@ def write_table(sweep: Sweep, todo: list[Plan], best: Any, left: int | None = 0,
     done = {r["experiment"] for r in rows}
     p0 = todo[0]
     search = (f"The search is still running ({left} trial(s) left): its best trial so far is {best.number} "
-              f"({sweep.objective} {best.value:.4g}); the winner's rows stay open until it ends. " if left else
+              f"({sweep.objective} {best.value:.4g}); the winner's rows stay open until it ends. Every run trains " if left else
               f"The search's best trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed "
               f"{sweep.base.train.seed}, not a result) retrained on fresh seeds ")
     lines = [f"# Confirmation of sweep {sweep.study} (`python jobs/sweep.py {_rel(sweep.path)} --confirm`)", "",
