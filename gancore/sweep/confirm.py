@@ -67,8 +67,6 @@ def generator_file(sweep: Sweep, p: Plan) -> Path:
     return _needs_confirm(sweep).results / "generators" / sweep.study / f"{p.run_dir.name}.pt"
 
 
-
-
 def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
     """Train, export and measure every confirmation run (`runs`: all, or only the winner's or the baseline's),
     writing the table after each; 0 done, 75 stopped. The baseline does not depend on the search, so it can be
