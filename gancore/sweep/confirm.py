@@ -113,8 +113,7 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
                 if r.status != "finished":
                     write()
                     return STOPPED
-            measure(sweep, p, say, write, splits)
-            write()
+            measure(sweep, p, say, write, splits)  # writes the table after the export and each measurement
     if selected and _floor(sweep, todo[0]) is not None:  # both splits' statistics (cached by now): the floor row
         write()
     progress(f"confirm {sweep.study}: wrote {c.results / (sweep.study + '_confirm.md')}")
