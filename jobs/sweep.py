@@ -5,7 +5,8 @@
 The same study name on the same storage continues the study (n_trials is the study's total). Storage: SQLite under
 the sweep dir by default; `journal:PATH` or postgresql://... for Slurm workers on several nodes. Exit codes: 0 done,
 2 bad input / unusable storage, 75 stopped by a signal (run the same command again to continue).
-`--confirm` retrains the best trial on fresh seeds at the full budget beside a baseline (the file's `confirm:`).
+`--confirm` retrains the best trial on fresh seeds at the full budget beside a baseline (the file's `confirm:`);
+`--confirm-runs winner|baseline` and `--confirm-seeds 1,2` take a share of those runs (one process or job each).
 `--worker` runs one worker in this process (slurm/sweep.sh array tasks); `--prepare` only creates the study and the
 parent MLflow run; `--report` only prints the table and writes best.yaml and the figures; `--dashboard [--port N]`
 starts optuna-dashboard on the study's storage, on 127.0.0.1 (`make dashboard`).
@@ -30,6 +31,16 @@ def _workers(v: str) -> int | str:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {v!r}")
     return n
+
+
+def _seeds(v: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas (e.g. 1,2), got {v!r}")
+    return seeds
 
 
 def main() -> int:
@@ -57,11 +68,15 @@ def main() -> int:
     ap.add_argument("--port", type=positive_int, help="--dashboard's port (default 8080)")
     ap.add_argument("--confirm-runs", choices=ROLES, help="with --confirm: only these runs "
                     "(baseline: while the search still runs; default all, after the search)")
+    ap.add_argument("--confirm-seeds", type=_seeds, metavar="S[,S...]", help="with --confirm: only these seeds "
+                    "(of the --confirm-runs roles), e.g. one seed per process, machine or Slurm job; the table "
+                    "holds every run that has finished")
     args = ap.parse_args()
     if args.port is not None and not args.dashboard:
         ap.error("--port goes with --dashboard")
-    if args.confirm_runs is not None and not args.confirm:
-        ap.error("--confirm-runs goes with --confirm")
+    for flag, value in (("--confirm-runs", args.confirm_runs), ("--confirm-seeds", args.confirm_seeds)):
+        if value is not None and not args.confirm:
+            ap.error(f"{flag} goes with --confirm")
     quiet_third_party()
 
     from gancore.sweep import load_sweep, run_sweep, run_worker
@@ -81,7 +96,7 @@ def main() -> int:
     if args.confirm:
         from gancore.sweep.confirm import run_confirm
 
-        return run_confirm(sweep, runs=args.confirm_runs or "all")
+        return run_confirm(sweep, runs=args.confirm_runs or "all", seeds=args.confirm_seeds)
     return run_sweep(sweep, workers=args.workers, launcher=args.launcher, report_only=args.report,
                      prepare_only=args.prepare)
 

@@ -97,10 +97,24 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
     early = cli(str(path), "--confirm", "--n-trials", "3", cwd=tmp_path)  # one trial still to run: refused
     early_out, _ = helpers.finish(early, timeout=120, what="--confirm with a trial still to run")
     assert early.returncode == 2 and "the search has 1 trial(s) left" in early_out
-    out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)
-    assert f"trial {best.number}" in out
+    # a share of the runs (one process, machine or Slurm job per seed): the winner's seed 2 alone; the table has its
+    # row and the other three open. A seed the confirmation does not have, or no seed: one line, exit 2, nothing run
+    for bad, message in (("7", "--confirm-seeds 7: not among the seeds of the winner confirmation runs (1, 2)"),
+                         ("1,x", "expected seeds separated by commas (e.g. 1,2), got '1,x'")):
+        p = cli(str(path), "--confirm", "--confirm-runs", "winner", "--confirm-seeds", bad, cwd=tmp_path)
+        bad_out, _ = helpers.finish(p, timeout=120, what=f"--confirm-seeds {bad}")
+        assert p.returncode == 2 and message in bad_out and not (tmp_path / "sweeps" / "tinybudget" / "confirm").exists()
+    share = finish(cli(str(path), "--confirm", "--confirm-runs", "winner", "--confirm-seeds", "2", cwd=tmp_path))
+    assert share.count("training ") == 1 and "winner (seed 2): training" in share
+    with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:
+        assert [(r["role"], r["seed"]) for r in csv.DictReader(f)] == [("winner", "2")]
+    partial = (tmp_path / "results" / "tinybudget_confirm.md").read_text()
+    assert all(f"| {label} | open |" in partial for label in ("winner (seed 1)", "quickstart (seed 1)",
+                                                                "quickstart (seed 2)"))
+    out = finish(cli(str(path), "--confirm", cwd=tmp_path), timeout=600)  # the rest: seed 2's run is reused
+    assert f"trial {best.number}" in out and out.count("training ") == 3 and "winner (seed 2): training" not in out
     tests, trains = (out.count(f"{OBJ}_{s} of ") for s in ("test", "train"))
-    assert tests == trains == 4 and out.rindex(f"{OBJ}_test of ") < out.index(f"{OBJ}_train of ")  # the final split first
+    assert tests == trains == 3 and out.rindex(f"{OBJ}_test of ") < out.index(f"{OBJ}_train of ")  # the final split first
     with open(tmp_path / "results" / "tinybudget_confirm.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["role"], r["seed"]) for r in rows] == [("winner", "1"), ("winner", "2"), ("baseline", "1"),

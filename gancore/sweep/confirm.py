@@ -67,8 +67,9 @@ def generator_file(sweep: Sweep, p: Plan) -> Path:
     return _needs_confirm(sweep).results / "generators" / sweep.study / f"{p.run_dir.name}.pt"
 
 
-def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
-    """Train, export and measure every confirmation run (`runs`: all, or only the winner's or the baseline's),
+def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all", seeds: tuple[int, ...] | None = None) -> int:
+    """Train, export and measure every confirmation run (`runs`: all, or only the winner's or the baseline's;
+    `seeds`: only these seeds of them, so that several processes, machines or Slurm jobs can each take a share),
     writing the table after each; 0 done, 75 stopped. The baseline does not depend on the search, so it can be
     trained while the search still runs; the winner waits for a finished search unless asked for."""
     from gancore.sweep.report import best_trial
@@ -90,6 +91,12 @@ def run_confirm(sweep: Sweep, progress: Any = print, runs: str = "all") -> int:
         raise SweepError(f"sweep {sweep.study}: the search has {left} trial(s) left; finish it first (run the "
                          "sweep again), or confirm only the baseline now with --confirm-runs baseline")
     selected = [p for p in todo if runs == "all" or (p.preset == "winner") == (runs == "winner")]
+    if seeds is not None:
+        have = sorted({p.cfg.train.seed for p in selected})
+        if missing := [s for s in seeds if s not in have]:
+            raise SweepError(f"--confirm-seeds {','.join(map(str, missing))}: not among the seeds of the {runs} "
+                             f"confirmation runs ({', '.join(map(str, have))}); see confirm: in {sweep.path}")
+        selected = [p for p in selected if p.cfg.train.seed in seeds]
     progress(f"confirm {sweep.study}: trial {best.number} ({sweep.objective} {best.value:.4g} on the search's seed) "
              f"on seeds {list(c.seeds)}, beside {c.baseline.stem if c.baseline else 'no baseline'}; "
              f"{len(selected)} run(s) here ({', '.join(f'{p.label}: {p.steps} steps' for p in selected)})")
