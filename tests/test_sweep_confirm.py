@@ -71,13 +71,17 @@ def test_summary_by_hand():
            [{"role": "baseline", "final_fid": v} for v in (10.0, 12.0)]
     lines = summary(rows, {"name": "Lucic", "fid": 6.8})
     sd_w, sd_b = 1.0, statistics.stdev([10.0, 12.0])  # 1.414...
-    assert lines[0] == "- winner: 6.00 ± 1.00 (mean ± sd of 3 seed(s))"
-    assert lines[1] == "- baseline: 11.00 ± 1.41 (mean ± sd of 2 seed(s))"
+    assert lines[0] == "- winner: 6.00 ± 1.00 (mean ± sd of 3 seeds)"
+    assert lines[1] == "- baseline: 11.00 ± 1.41 (mean ± sd of 2 seeds)"
     assert lines[2] == f"- difference winner - baseline: -5.00; it exceeds the seed-to-seed spread ({sd_w + sd_b:.2f} = sum of the two sds)"
     assert lines[3] == "- anchor: Lucic: 6.8; the winner's mean is -0.80 from it"
     close = summary([{"role": "winner", "final_fid": 10.0}, {"role": "winner", "final_fid": 12.0},
                      {"role": "baseline", "final_fid": 11.5}, {"role": "baseline", "final_fid": 12.5}], {})
     assert "does not exceed" in close[2]
+    one = summary([{"role": "winner", "final_fid": 6.5}, {"role": "baseline", "final_fid": 10.64},
+                   {"role": "baseline", "final_fid": 9.5}, {"role": "winner", "final_fid": float("nan")}], {})
+    assert one[0] == "- winner: 6.50 (one seed so far: no sd yet)"  # not "± nan"; a NaN row is not a seed
+    assert one[2] == "- difference winner - baseline: -3.57; it cannot be judged yet (one role has a single seed)"
 
 
 @needs_mnist
@@ -138,7 +142,7 @@ def test_a_budget_sweep_then_its_confirmation_on_fresh_seeds(tmp_path):
         assert float(r["fid_lenet_200_test"]) != float(r["fid_lenet_200_train"])
     md = (tmp_path / "results" / "tinybudget_confirm.md").read_text()
     w = [float(r["fid_lenet_200_test"]) for r in rows if r["role"] == "winner"]
-    assert f"- winner: {statistics.mean(w):.2f} ± {statistics.stdev(w):.2f} (mean ± sd of 2 seed(s))" in md
+    assert f"- winner: {statistics.mean(w):.2f} ± {statistics.stdev(w):.2f} (mean ± sd of 2 seeds)" in md
     assert "anchor: a published number: 100" in md
     assert "- floor: " in md and "FID of 200 mnist training images against the test images" in md
 

@@ -266,7 +266,8 @@ def summary(rows: list[dict[str, Any]], anchor: dict[str, Any]) -> list[str]:
                 and math.isfinite(r["final_fid"])]
         if vals:
             stats[role] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"), len(vals))
-    lines = [f"- {role}: {m:.2f} ± {sd:.2f} (mean ± sd of {n} seed(s))" for role, (m, sd, n) in stats.items()]
+    lines = [f"- {role}: {m:.2f} ± {sd:.2f} (mean ± sd of {n} seeds)" if n > 1 else
+             f"- {role}: {m:.2f} (one seed so far: no sd yet)" for role, (m, sd, n) in stats.items()]
     if len(stats) == 2:
         (mw, sw, nw), (mb, sb, nb) = stats["winner"], stats["baseline"]
         spread = (sw if nw > 1 else 0.0) + (sb if nb > 1 else 0.0)
