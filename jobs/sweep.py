@@ -34,9 +34,12 @@ def _workers(v: str) -> int | str:
 
 
 def _seeds(v: str) -> tuple[int, ...]:
+    from gancore.cluster.runs import parse_seeds  # the one parser of a comma-separated seed list (submit --seeds)
+    from gancore.errors import LaunchError
+
     try:
-        seeds = tuple(int(x) for x in v.split(","))
-    except ValueError:
+        seeds = tuple(parse_seeds(v))
+    except LaunchError:
         seeds = ()
     if not seeds or any(x < 0 for x in seeds):
         raise argparse.ArgumentTypeError(f"expected seeds separated by commas (e.g. 1,2), got {v!r}")
