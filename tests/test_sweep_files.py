@@ -4,6 +4,7 @@ choice of a categorical one) and passes `jobs/sweep.py FILE --prepare`; the make
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -59,9 +60,26 @@ def test_trial_configs_at_every_parameters_ends_build(path):
         assert x.shape == (2, c, side, side), (p.name, value)
 
 
+# What a make that runs this suite (`make test ARGS=...`, as .ci/run does) hands down to the makes started here: its
+# command-line variables, both in the environment (ARGS=...) and in MAKEFLAGS, would make `make -n train` expand
+# with the suite's ARGS.
+_MAKE_ENV = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
+
+
+def _user_env() -> dict:
+    """os.environ less what an enclosing make put there: its MAKE* variables and its command-line variables (the
+    names after ` -- ` in MAKEFLAGS, whose values escape spaces as `\\ `)."""
+    flags = os.environ.get("MAKEFLAGS", "")
+    given = flags.split(" -- ", 1)[1] if " -- " in flags else ""
+    names = {re.split(r":?=", w, maxsplit=1)[0] for w in re.split(r"(?<!\\) ", given) if "=" in w}
+    return {k: v for k, v in os.environ.items() if k not in _MAKE_ENV and k not in names}
+
+
 def _make(*args, cwd=ROOT, timeout=60):
-    """`make ARGS` in the checkout with this interpreter standing in for the .venv (PY, and STAMP made up to date)."""
-    return helpers.run(["make", "--no-print-directory", *args], cwd=cwd, timeout=timeout, what=f"make {' '.join(args)}")
+    """`make ARGS` in the checkout with this interpreter standing in for the .venv (PY, and STAMP made up to date),
+    as a user's shell starts it: nothing inherited from a make that may be running this suite."""
+    return helpers.run(["make", "--no-print-directory", *args], cwd=cwd, timeout=timeout, env=_user_env(),
+                       what=f"make {' '.join(args)}")
 
 
 @pytest.fixture
