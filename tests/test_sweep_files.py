@@ -75,11 +75,11 @@ def _user_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in _MAKE_ENV and k not in names}
 
 
-def _make(*args, cwd=ROOT, timeout=60):
+def _make(*args, cwd=ROOT, timeout=60, env=None):
     """`make ARGS` in the checkout with this interpreter standing in for the .venv (PY, and STAMP made up to date),
-    as a user's shell starts it: nothing inherited from a make that may be running this suite."""
-    return helpers.run(["make", "--no-print-directory", *args], cwd=cwd, timeout=timeout, env=_user_env(),
-                       what=f"make {' '.join(args)}")
+    as a user's shell starts it: nothing inherited from a make that may be running this suite (`env`: set on top)."""
+    return helpers.run(["make", "--no-print-directory", *args], cwd=cwd, timeout=timeout,
+                       env={**_user_env(), **(env or {})}, what=f"make {' '.join(args)}")
 
 
 @pytest.fixture
@@ -124,8 +124,7 @@ def test_make_sweep_smoke_runs_for_real(stamp, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["SMOKE=1", f"ARGS=--out {tmp_path / 'sweeps'} --storage {storage} --n-trials 3"]
-    p = helpers.run(["make", "--no-print-directory", "sweep", *args, *stamp], cwd=ROOT, timeout=840,
-                    what="make sweep SMOKE=1", env={**_user_env(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri})
+    p = _make("sweep", *args, *stamp, timeout=840, env={"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     study = optuna.load_study(study_name="mnist_dcgan_smoke", storage=storage)
     assert len(study.trials) == 3 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
